@@ -1,0 +1,2042 @@
+"""train_gpt.py: an 11-layer GPT for the parameter-golf contest, trained, exported and evaluated in one file.
+
+Run (8 GPUs, real data):   torchrun --standalone --nproc_per_node=8 train_gpt.py
+Run (anywhere, no data):   ./run.sh  (builds an embedded corpus and runs a small configuration on the CPU)
+Reproduce from an artifact: EVAL_ONLY=final_model.int5.xz torchrun --standalone --nproc_per_node=8 train_gpt.py
+
+What it does, in data-flow order: read the tokenized FineWeb shards; train the model for at most
+MAX_WALLCLOCK_SECONDS with banked Parallel Muon + AdamW, EMA/SWA and late QAT; collect GPTQ Hessians from
+training data and quantize every block matrix to int5 (inside the same budget); write an LZMA-compressed,
+self-describing artifact whose bytes plus this file's bytes must stay under 16,000,000; rebuild the model
+from that file alone and score the validation split in one causal pass that mixes the model with an exact
+n-gram cache and adapts LoRA weights on text it has already scored.
+
+Rules kept at evaluation (the contest's validity conditions):
+  C1 causal       the prediction for token t uses only the artifact and tokens < t;
+  C2 normalized   the mixed n-gram/model prediction is a full distribution over the vocabulary, summing to 1;
+  C3 score first  n-gram counts and LoRA weights learn from a chunk only after that chunk is scored;
+  C4 one pass     every validation target is scored exactly once, left to right.
+"""
+
+# =====================================================================================================
+# Imports
+# =====================================================================================================
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import struct
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # FlashAttention-3 is optional: SDPA (flash backend on Hopper) is the default path.
+    from flash_attn_interface import flash_attn_func as _fa3_func
+except ImportError:
+    _fa3_func = None
+
+
+class GolfError(Exception):
+    """A failure the user can fix (bad setting, missing or corrupt file, over the cap, over budget)."""
+
+
+# =====================================================================================================
+# Hyperparameters
+# =====================================================================================================
+# One typed settings object. Every field is read from the environment variable of the same name in upper
+# case (NUM_LAYERS, XSA_LAST_N, ...) by `Hyperparameters.from_env`, called inside main(); tests construct
+# it directly. The defaults are the submitted run: reproducing needs only `SEED=... torchrun ...`.
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # --- data and run bookkeeping ---
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    seed: int = 1337
+    run_id: str = ""                      # empty: derived from the start time and SEED
+    output_dir: str = "."                 # final_model.pt, final_model.int5.xz, submission.json, logs/
+    data_label: str = "fineweb10B_sp1024"  # what the data is, recorded in the log and submission.json
+    # --- model (SPEC §2) ---
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    rope_dims: int = 16
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    bigram_vocab_size: int = 4096
+    bigram_dim: int = 128
+    ve_dim: int = 128
+    ve_last_n: int = 2
+    xsa_last_n: int = 4
+    # --- training (SPEC §3) ---
+    iterations: int = 20000               # step cap; the step count itself when MAX_WALLCLOCK_SECONDS=0
+    train_seq_len: int = 2048
+    train_batch_tokens: int = 786432      # global, independent of WORLD_SIZE
+    max_wallclock_seconds: float = 600.0  # 0 = step-based run (deterministic schedules from the step count)
+    export_reserve_seconds: float = 30.0  # left of the budget for GPTQ calibration, quantization, writing
+    warmup_steps: int = 20                # compile warm-up steps, undone before the clock starts
+    warmdown_frac: float = 0.25           # WSD: constant LR, then a cosine to zero over this last fraction
+    matrix_lr_encoder: float = 0.025      # Muon LR of the first NUM_LAYERS // 2 blocks
+    matrix_lr_decoder: float = 0.05       # Muon LR of the remaining blocks
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    embed_lr: float = 0.035
+    scalar_lr: float = 0.025
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.04
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997
+    swa_every: int = 50
+    swa_lr_threshold: float = 0.2
+    swa_weight: float = 0.3
+    late_qat_frac: float = 0.85
+    complement_alpha: float = 0.5
+    val_loss_every: int = 4000            # 0 = only at the end
+    val_batch_tokens: int = 524288
+    train_log_every: int = 100
+    # --- export (SPEC §4) ---
+    gptq_n_samples: int = 256
+    gptq_block_size: int = 128
+    gptq_percdamp: float = 0.01
+    gptq_clip_levels: str = "1.0,0.96,0.92,0.88,0.84"
+    prune_pct: float = 0.03
+    artifact_size_cap: int = 16_000_000
+    # --- evaluation (SPEC §5) ---
+    eval_only: str = ""                   # path of an artifact: skip training, evaluate it
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32
+    eval_budget_seconds: float = 600.0
+    eval_dump_path: str = ""              # .npz of per-target arrays for audits
+    ttt_enabled: bool = True
+    ttt_chunk_tokens: int = 65536
+    ttt_temperature: float = 0.98
+    ttt_lora_rank: int = 8
+    ttt_last_n: int = 2
+    ttt_lr: float = 0.003
+    ttt_grad_clip: float = 1.0
+    ttt_polyak_decay: float = 0.998
+    ngram_eval_order: int = 9
+    ngram_eval_min_order: int = 2
+    ngram_eval_min_count: int = 2
+    ngram_eval_alpha_min: float = 0.12
+    ngram_eval_alpha_max: float = 0.60
+    ngram_eval_entropy_scale: float = 2.0
+    ngram_eval_centers: str = "9:2.5,8:2.75,7:3.0,6:3.2,5:3.5,4:3.8,3:4.2,2:4.5"
+    ngram_eval_mults: str = "9:2.0,8:2.0,7:2.0,6:2.0,5:2.0,4:1.0,3:0.3,2:0.3"
+    ngram_eval_alpha_clip: float = 0.95
+    ngram_audit_positions: int = 64
+
+    @classmethod
+    def from_env(cls, env) -> "Hyperparameters":
+        kwargs = {}
+        for f in fields(cls):
+            name = f.name.upper()
+            if name in env:
+                kwargs[f.name] = _parse_setting(name, env[name], f.type)
+        hp = cls(**kwargs)
+        hp.validate()
+        return hp
+
+    # Derived quantities: layer choices that the spec pins to "first half / last 2 / last 4".
+    @property
+    def num_encoder_layers(self) -> int:
+        return self.num_layers // 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def train_budget_seconds(self) -> float:
+        return self.max_wallclock_seconds - self.export_reserve_seconds
+
+    def clip_levels(self) -> tuple:
+        return tuple(float(x) for x in self.gptq_clip_levels.split(","))
+
+    def ngram_table(self, name: str) -> dict:
+        text = getattr(self, name)
+        return {int(k): float(v) for k, v in (item.split(":") for item in text.split(","))}
+
+    def validate(self) -> None:
+        def need(ok: bool, var: str, why: str) -> None:
+            if not ok:
+                raise GolfError(f"{var}={getattr(self, var.lower())!r} is invalid: {why}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in (int, float) and f.name != "seed":
+                need(value >= 0 and math.isfinite(value), f.name.upper(), "must be a finite number >= 0")
+        need(self.vocab_size >= 2, "VOCAB_SIZE", "need at least 2 tokens")
+        need(self.num_layers >= 2, "NUM_LAYERS", "need at least 2 layers (encoder/decoder halves)")
+        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
+        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS",
+             "must divide NUM_HEADS")
+        need(self.head_dim % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM / NUM_HEADS) must be even")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS", "must be even and <= head dim")
+        need(self.mlp_hidden >= 1, "MLP_MULT", "MLP hidden width must be >= 1")
+        need(self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "need at least 2 buckets")
+        need(1 <= self.ve_last_n <= self.num_layers, "VE_LAST_N", "must be in 1..NUM_LAYERS")
+        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be <= NUM_LAYERS")
+        need(1 <= self.ttt_last_n <= self.num_layers, "TTT_LAST_N", "must be in 1..NUM_LAYERS")
+        need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", "must be >= 2")
+        need(self.train_batch_tokens > 0 and self.train_batch_tokens % (8 * self.train_seq_len) == 0,
+             "TRAIN_BATCH_TOKENS", "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
+        need(self.max_wallclock_seconds > 0 or self.iterations > 0, "ITERATIONS",
+             "a step-based run (MAX_WALLCLOCK_SECONDS=0) needs ITERATIONS > 0")
+        need(self.max_wallclock_seconds == 0 or self.train_budget_seconds > 0, "EXPORT_RESERVE_SECONDS",
+             "must be smaller than MAX_WALLCLOCK_SECONDS")
+        need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
+        need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
+        need(0 <= self.swa_weight <= 1, "SWA_WEIGHT", "must be in [0, 1]")
+        need(self.swa_every >= 1, "SWA_EVERY", "must be >= 1")
+        need(self.train_log_every >= 1, "TRAIN_LOG_EVERY", "must be >= 1")
+        need(self.val_batch_tokens >= self.train_seq_len, "VAL_BATCH_TOKENS", "must hold one sequence")
+        need(self.gptq_block_size >= 1, "GPTQ_BLOCK_SIZE", "must be >= 1")
+        need(self.gptq_n_samples >= 1, "GPTQ_N_SAMPLES", "must be >= 1")
+        need(0 <= self.prune_pct < 1, "PRUNE_PCT", "must be in [0, 1)")
+        try:
+            levels = self.clip_levels()
+        except ValueError:
+            levels = ()
+        need(len(levels) >= 1 and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
+             "must be a comma list of numbers in (0, 1]")
+        need(self.eval_stride >= 1 and self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE",
+             "must divide EVAL_SEQ_LEN")
+        need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
+             "must be a multiple of EVAL_SEQ_LEN (windows and TTT sequences never straddle chunks)")
+        need(self.eval_batch_seqs >= 1, "EVAL_BATCH_SEQS", "must be >= 1")
+        need(self.ttt_temperature > 0, "TTT_TEMPERATURE", "must be > 0")
+        need(0 <= self.ttt_polyak_decay < 1, "TTT_POLYAK_DECAY", "must be in [0, 1)")
+        need(self.ttt_lora_rank >= 1, "TTT_LORA_RANK", "must be >= 1")
+        need(2 <= self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER",
+             "must be in 2..NGRAM_EVAL_ORDER")
+        need(self.ngram_eval_min_count >= 1, "NGRAM_EVAL_MIN_COUNT", "must be >= 1")
+        need(self.ngram_eval_alpha_min <= self.ngram_eval_alpha_max, "NGRAM_EVAL_ALPHA_MIN",
+             "must be <= NGRAM_EVAL_ALPHA_MAX")
+        need(self.ngram_eval_alpha_clip <= 1, "NGRAM_EVAL_ALPHA_CLIP", "must be in [0, 1]")
+        orders = set(range(self.ngram_eval_min_order, self.ngram_eval_order + 1))
+        for var in ("ngram_eval_centers", "ngram_eval_mults"):
+            try:
+                table = self.ngram_table(var)
+            except ValueError:
+                table = {}
+            need(orders <= set(table), var.upper(), f"must give 'order:value' for every order in {sorted(orders)}")
+
+
+def _parse_setting(name: str, text: str, kind: type):
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return low in ("1", "true", "yes")
+        return kind(text.replace("_", "")) if kind is int else kind(text)
+    except ValueError:
+        raise GolfError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+
+
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+                "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "ve_dim", "ve_last_n",
+                "xsa_last_n")  # what the artifact must record to rebuild the network
+
+
+# =====================================================================================================
+# Distributed and logging helpers
+# =====================================================================================================
+# The same file runs as one CPU process, as several CPU processes under torchrun (gloo), and on GPUs
+# (NCCL). Every cross-rank reduction goes through `all_reduce`, a no-op for a single process.
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def init_distributed() -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if 8 % world_size != 0:
+        raise GolfError(f"WORLD_SIZE={world_size} must divide 8 (grad accumulation = 8 / WORLD_SIZE)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, device)
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ('sum', 'avg' or 'max'); returns t. No-op for a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, src)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any: keeps stop decisions identical across ranks."""
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
+
+
+def sync(d: Dist) -> None:
+    if d.is_cuda:
+        torch.cuda.synchronize(d.device)
+
+
+class RunLog:
+    """Rank-0 log: `key:value` lines to stdout and to logs/<RUN_ID>.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def describe_environment(d: Dist) -> list[str]:
+    import sentencepiece
+    gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
+    return [f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"sentencepiece:{sentencepiece.__version__} fa3:{_fa3_func is not None}",
+            f"hardware: device:{d.device.type} gpu:{gpu.replace(' ', '_')} world_size:{d.world_size} "
+            f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}"]
+
+
+# =====================================================================================================
+# Data and BPB accounting
+# =====================================================================================================
+# Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is
+# BOS (id 1) followed by its tokens. Every rank reads the same deterministic stream and takes its own
+# slice, so the global batch does not depend on WORLD_SIZE. BPB counts the UTF-8 bytes of the text each
+# target token adds, from three lookup tables built from the tokenizer.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1
+
+
+def load_data_shard(path: Path) -> torch.Tensor:
+    """Read one shard as an int32 tensor; reject a wrong magic, version or size, naming the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_INTS * 4:
+        raise GolfError(f"shard {path}: {size} bytes is shorter than the {SHARD_HEADER_INTS * 4}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise GolfError(f"shard {path}: magic {header[0]} != {SHARD_MAGIC} (not a token shard)")
+    if header[1] != SHARD_VERSION:
+        raise GolfError(f"shard {path}: version {header[1]} != {SHARD_VERSION}")
+    n = int(header[2])
+    if size != SHARD_HEADER_INTS * 4 + 2 * n:
+        raise GolfError(f"shard {path}: header says {n} tokens ({SHARD_HEADER_INTS * 4 + 2 * n} bytes) "
+                        f"but the file has {size} bytes (truncated or corrupt)")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def shard_files(data_path: str, split: str) -> list[Path]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(Path(p) for p in glob.glob(pattern))
+    if not files:
+        raise GolfError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern} "
+                        f"(fetch the data, see README, or run ./run.sh to build the embedded corpus)")
+    return files
+
+
+def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
+    tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")])
+    if tokens.numel() < 2:
+        raise GolfError(f"DATA_PATH={data_path!r}: validation split has {tokens.numel()} tokens")
+    check_token_range(tokens, vocab_size, "validation shards")
+    return tokens
+
+
+def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise GolfError(f"{what} contain token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
+
+
+class TokenStream:
+    """Reads the train shards in order, forever; `take(n)` returns the next n tokens."""
+
+    def __init__(self, data_path: str):
+        self.files = shard_files(data_path, "train")
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_data_shard(self.files[0])
+
+    def take(self, n: int) -> torch.Tensor:
+        parts = []
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+            piece = self.tokens[self.pos:self.pos + n]
+            parts.append(piece)
+            self.pos += piece.numel()
+            n -= piece.numel()
+        return torch.cat(parts)
+
+
+class DistributedTokenLoader:
+    """Each call takes the next global micro-batch (identical on every rank) and returns this rank's
+    slice as (x, y) plus the whole micro-batch as (world, span) rows so every rank can count the same
+    bigrams for the complementary loss."""
+
+    def __init__(self, data_path: str, d: Dist, vocab_size: int):
+        self.stream, self.d, self.vocab_size = TokenStream(data_path), d, vocab_size
+
+    def next_batch(self, micro_tokens: int, seq_len: int):
+        span = micro_tokens // self.d.world_size + 1  # +1: the last target of each slice
+        chunk = self.stream.take(span * self.d.world_size).view(self.d.world_size, span)
+        check_token_range(chunk, self.vocab_size, "train shards")
+        rows = chunk.to(self.d.device, dtype=torch.int64, non_blocking=True)
+        local = rows[self.d.rank]
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), rows
+
+
+@dataclass
+class ByteLUTs:
+    base_bytes: torch.Tensor         # (V,) int16: UTF-8 bytes of the piece without its leading "▁"
+    has_leading_space: torch.Tensor  # (V,) bool: the piece starts with "▁"
+    is_boundary: torch.Tensor        # (V,) bool: control/unknown/unused pieces (BOS...): no space before
+
+    def to(self, device) -> "ByteLUTs":
+        return ByteLUTs(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+    if not Path(path).is_file():
+        raise GolfError(f"TOKENIZER_PATH={path!r}: no such file")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(path)
+    except (OSError, RuntimeError) as e:
+        raise GolfError(f"TOKENIZER_PATH={path!r}: not a SentencePiece model ({e})") from None
+    if sp.vocab_size() != vocab_size:
+        raise GolfError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        # Without "▁" as its own piece a lone space is byte-encoded and the byte count silently inflates.
+        raise GolfError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own")
+    return sp
+
+
+def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:
+    base = torch.zeros(vocab_size, dtype=torch.int16)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                space[i], piece = True, piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+    return ByteLUTs(base, space, boundary)
+
+
+def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts: ByteLUTs) -> torch.Tensor:
+    """Bytes of text each target adds: its piece, plus the space of a leading "▁" unless it follows a
+    boundary token (the decoder drops the space at the start of a document)."""
+    extra = luts.has_leading_space[tgt] & ~luts.is_boundary[prev]
+    return luts.base_bytes[tgt].to(torch.int64) + extra.to(torch.int64)
+
+
+def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
+    return nll_nats / math.log(2.0) / n_bytes
+
+
+# =====================================================================================================
+# Model
+# =====================================================================================================
+# SPEC §2. The block matrices (q/out, k/v, MLP up, MLP down) live in four contiguous 3-D parameter banks
+# owned by the GPT, so that Parallel Muon can shard whole matrices across ranks. Blocks receive 2-D views
+# of the banks and apply them through `MatrixSlot`s: parameter-free modules whose forward hooks see each
+# matrix's input (GPTQ Hessians) and which can carry a LoRA adapter (test-time training).
+
+ATTN_GATE_BIAS = 4.0      # sigmoid(4) ~ 0.982: gated attention starts almost open
+LEAKY_SLOPE = 0.9         # MLP activation: LeakyReLU(0.9) then squared
+INT5_QMAX = 15            # int5 grid: integers -15..15 with a per-row scale
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Per-row symmetric scale clip*max|W_row|/qmax, rounded to fp16 (as stored) and returned as float32.
+    An all-zero row gets scale 1 (its integers are 0). No floor: real rows have entries ~0.02-0.1."""
+    amax = W.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax * clip / qmax).half().float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def fake_quant_int5(W: torch.Tensor) -> torch.Tensor:
+    """Late QAT: W mapped onto the exporter's int5 grid and per-row scales (round-to-nearest,
+    `quantize_rtn`), with a straight-through gradient. Works on 2-D matrices and 3-D banks."""
+    scale = int_row_scale(W, INT5_QMAX)
+    Wq = torch.clamp(torch.round(W.detach().float() / scale), -INT5_QMAX, INT5_QMAX) * scale
+    return Wq.to(W.dtype) + (W - W.detach())  # value exactly Wq; gradient exactly identity
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim:
+    FlashAttention-3 when it is installed and we are on CUDA, else PyTorch SDPA (flash backend on GPU)."""
+    if _fa3_func is not None and q.is_cuda:
+        out = _fa3_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class LoRA(nn.Module):
+    """Rank-r adapter y += (x A^T) B^T for test-time training. A ~ N(0, 1/in), B = 0, so it starts as a
+    no-op. `A_avg`, `B_avg` hold the Polyak average used for scoring."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.register_buffer("A_avg", self.A.detach().clone())
+        self.register_buffer("B_avg", self.B.detach().clone())
+        self.use_average = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = (self.A_avg, self.B_avg) if self.use_average else (self.A, self.B)
+        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+
+    @torch.no_grad()
+    def polyak_update(self, decay: float) -> None:
+        self.A_avg.lerp_(self.A, 1.0 - decay)
+        self.B_avg.lerp_(self.B, 1.0 - decay)
+
+
+class MatrixSlot(nn.Module):
+    """y = x W^T for a bank matrix W passed in by the caller (+ an optional LoRA adapter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora: LoRA | None = None
+
+    def forward(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, W.to(x.dtype))
+        return y if self.lora is None else y + self.lora(x)
+
+
+class Rotary(nn.Module):
+    """Partial RoPE: rotates only the first `rope_dims` of each head's dimensions."""
+
+    def __init__(self, rope_dims: int, base: float):
+        super().__init__()
+        self.rope_dims = rope_dims
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        if self.rope_dims == 0:
+            return x
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]  # (1, T, 1, rope_dims/2)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        half = self.rope_dims // 2
+        x1, x2, rest = x[..., :half], x[..., half:self.rope_dims], x[..., self.rope_dims:]
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        L = hp.num_layers
+        self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        self.c_q, self.c_k, self.c_v, self.c_proj = MatrixSlot(), MatrixSlot(), MatrixSlot(), MatrixSlot()
+        self.rotary = Rotary(hp.rope_dims, hp.rope_base)
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+        # Gated attention: per-head sigmoid gate from the attention input, weight 0 and bias 4 at init.
+        self.gate = nn.Linear(hp.model_dim, hp.num_heads)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
+        self.use_xsa = layer >= L - hp.xsa_last_n          # XSA on the last XSA_LAST_N layers
+        self.use_ve = layer >= L - hp.ve_last_n            # value embeddings on the last VE_LAST_N layers
+        self.ve_scale = nn.Parameter(torch.tensor(0.1)) if self.use_ve else None
+        self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 else None  # VRL (layer 0 supplies v0)
+
+    def forward(self, x, Wq, Wk, Wv, Wo, v0, ve):
+        B, T, _ = x.shape
+        q = self.c_q(x, Wq).view(B, T, self.num_heads, self.head_dim)     # (B, T, H, D)
+        k = self.c_k(x, Wk).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.c_v(x, Wv)
+        if self.use_ve:
+            v = v + self.ve_scale.to(v.dtype) * ve
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if v0 is None:
+            v0 = v
+        else:  # value residual: softmax(lambda) mix of layer 0's v and this layer's v
+            lam = torch.softmax(self.vrl_lambda.float(), dim=0).to(v.dtype)
+            v = lam[0] * v0 + lam[1] * v
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
+        k = self.rotary(rms_norm(k))
+        y = causal_attention(q, k, v)  # (B, T, H, D)
+        if self.use_xsa:  # remove each head's component along its own position's (normalized) value
+            vn = F.normalize(v, dim=-1).repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        gate = torch.sigmoid(self.gate(x).float()).to(y.dtype)  # (B, T, H)
+        y = (y * gate[..., None]).reshape(B, T, -1)
+        return self.c_proj(y, Wo), v0
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = MatrixSlot(), MatrixSlot()
+
+    def forward(self, x, W_up, W_down):
+        return self.c_proj(F.leaky_relu(self.c_fc(x, W_up), LEAKY_SLOPE).square(), W_down)
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        D = hp.model_dim
+        self.attn, self.mlp = CausalSelfAttention(hp, layer), MLP()
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(D), torch.zeros(D)]))  # x vs x0
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(D)), nn.Parameter(torch.ones(D))
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)  # LN scale: deeper blocks see damped normalized inputs
+
+    def forward(self, x, x0, W, v0, ve):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        h, v0 = self.attn(rms_norm(x) * self.ln_scale, W["q"], W["k"], W["v"], W["o"], v0, ve)
+        x = x + self.attn_scale.to(x.dtype) * h
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, W["up"], W["down"])
+        return x, v0
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous, current) token; position 0 has no previous token and gets a
+    reserved bucket, so nothing is read from before the sequence start."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket(self, idx: torch.Tensor) -> torch.Tensor:
+        prev, cur = idx[:, :-1], idx[:, 1:]
+        h = torch.bitwise_xor(36313 * cur, 27191 * prev) % (self.buckets - 1)
+        first = torch.full_like(idx[:, :1], self.buckets - 1)
+        return torch.cat([first, h], dim=1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.proj(self.embed(self.bucket(idx)))
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g; position 0 mixes with 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate.float()).to(x.dtype)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return (1 - g) * x + g * prev
+
+
+class ValueEmbedding(nn.Module):
+    """A shared token embedding projected to the KV width, added (scaled per layer) to v."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(idx))
+
+
+BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        L, D, V = hp.num_layers, hp.model_dim, hp.vocab_size
+        self.hp = hp
+        self.tok_emb = nn.Embedding(V, D)
+        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D)
+        self.smear = SmearGate(D)
+        self.ve = ValueEmbedding(V, hp.ve_dim, hp.kv_dim)
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
+        self.num_skips = min(hp.num_encoder_layers, L - hp.num_encoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, D))
+        # Banks: rows [0, L) are q / k / up / down of layer i; rows [L, 2L) are out / v of layer i - L.
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, hp.kv_dim, D))
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, hp.mlp_hidden, D))
+        self.mlp_down_bank = nn.Parameter(torch.zeros(L, D, hp.mlp_hidden))
+        with torch.no_grad():
+            for i in range(L):
+                nn.init.orthogonal_(self.qo_bank[i])
+                nn.init.orthogonal_(self.kv_bank[i])
+                nn.init.orthogonal_(self.kv_bank[L + i])
+                nn.init.orthogonal_(self.mlp_up_bank[i])
+                self.qo_bank[L + i].zero_()  # output projections start at zero
+
+    def layer_weights(self, banks: dict, i: int) -> dict:
+        L = self.hp.num_layers
+        return {"q": banks["qo_bank"][i], "o": banks["qo_bank"][L + i], "k": banks["kv_bank"][i],
+                "v": banks["kv_bank"][L + i], "up": banks["mlp_up_bank"][i], "down": banks["mlp_down_bank"][i]}
+
+    def hidden(self, idx: torch.Tensor, qat: bool = False) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) final normalized hidden states."""
+        banks = {name: getattr(self, name) for name in BANKS}
+        if qat:
+            banks = {name: fake_quant_int5(W) for name, W in banks.items()}
+        x = self.tok_emb(idx) + self.bigram(idx)
+        x = self.smear(rms_norm(x))
+        x0, v0, skips = x, None, []
+        ve = self.ve(idx)
+        n_enc = self.hp.num_encoder_layers
+        for i, block in enumerate(self.blocks):
+            if n_enc <= i < n_enc + self.num_skips:  # U-Net: decoder adds the most recent encoder output
+                x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
+            x, v0 = block(x, x0, self.layer_weights(banks, i), v0, ve)
+            if i < n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied output head with the softcap, in float32."""
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
+        c = self.hp.logit_softcap
+        return c * torch.tanh(z / c)
+
+    def forward(self, idx, targets, loss_weights=None, qat: bool = False) -> torch.Tensor:
+        logits = self.logits(self.hidden(idx, qat)).view(-1, self.hp.vocab_size)
+        if loss_weights is None:
+            return F.cross_entropy(logits, targets.reshape(-1))
+        ce = F.cross_entropy(logits, targets.reshape(-1), reduction="none")
+        return (ce * loss_weights.reshape(-1)).mean()
+
+
+def block_matrices(model: GPT) -> dict:
+    """The block matrices as ordinary 2-D views of the banks, named after their MatrixSlots."""
+    L, out = model.hp.num_layers, {}
+    for i in range(L):
+        p = f"blocks.{i}."
+        out[p + "attn.c_q"], out[p + "attn.c_proj"] = model.qo_bank[i], model.qo_bank[L + i]
+        out[p + "attn.c_k"], out[p + "attn.c_v"] = model.kv_bank[i], model.kv_bank[L + i]
+        out[p + "mlp.c_fc"], out[p + "mlp.c_proj"] = model.mlp_up_bank[i], model.mlp_down_bank[i]
+    return out
+
+
+def unbanked_state_dict(model: GPT) -> dict:
+    """state_dict with the banks replaced by their named 2-D matrices (the artifact's view)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k not in BANKS}
+    sd.update({name + ".weight": W.detach() for name, W in block_matrices(model).items()})
+    return sd
+
+
+def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
+    with torch.no_grad():
+        for name, W in block_matrices(model).items():
+            W.copy_(sd[name + ".weight"])
+        rest = {k: v for k, v in sd.items() if not k.endswith(".weight") or k[:-7] not in block_matrices(model)}
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k not in BANKS]
+    if missing or unexpected:
+        raise GolfError(f"artifact does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+# =====================================================================================================
+# Optimizers
+# =====================================================================================================
+# Parallel Muon for the four banks: after backward each bank's gradient is reduce-scattered (averaged) so
+# each rank owns whole matrices; the owner applies Nesterov momentum, orthogonalizes with Newton-Schulz
+# in bf16, scales, decays and steps its shard; the new shards are all-gathered while the next bank is
+# being computed. No DDP: the small replicated parameters (AdamW) get one flat all-reduce.
+# (Muon: Keller Jordan, modded-nanogpt; banked Parallel Muon: parameter-golf PR #399 line of records.)
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Muon)
+
+
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U V^T of each matrix in G (..., R, C), in bf16.
+    The quintic pushes singular values into roughly [0.7, 1.2] rather than exactly 1 (fast, good enough)."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    wide = X.size(-2) <= X.size(-1)
+    if not wide:
+        X = X.mT
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.mT
+
+
+class ParallelMuon(torch.optim.Optimizer):
+    """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices.
+
+    Per bank group: `lrs` is a (N,) tensor of per-matrix learning rates (encoder/decoder split);
+    the schedule sets `lr_mult` and `momentum`. Use: `launch_reduce_scatter()` right after backward,
+    `owned_grad_sq_norm()` for the global clip, then `step(clip_coef)`."""
+
+    def __init__(self, banks: list, lrs: list, momentum: float, weight_decay: float, backend_steps: int,
+                 d: Dist):
+        groups = [dict(params=[p], lrs=lr.to(p.device), lr_mult=1.0, momentum=momentum) for p, lr in zip(banks, lrs)]
+        super().__init__(groups, dict(weight_decay=weight_decay, backend_steps=backend_steps))
+        self.d = d
+        self._pending = []
+
+    def _shard(self, p: torch.Tensor) -> tuple:
+        per_rank = -(-p.size(0) // self.d.world_size)
+        lo = min(self.d.rank * per_rank, p.size(0))
+        return per_rank, lo, min(lo + per_rank, p.size(0))
+
+    @torch.no_grad()
+    def launch_reduce_scatter(self) -> None:
+        self._pending = []
+        for group in self.param_groups:
+            p = group["params"][0]
+            per_rank, _, _ = self._shard(p)
+            if self.d.world_size == 1:
+                self._pending.append((p.grad, None))
+                continue
+            flat = torch.zeros((per_rank * self.d.world_size,) + p.shape[1:], device=p.device, dtype=p.grad.dtype)
+            flat[:p.size(0)] = p.grad
+            out = torch.empty((per_rank,) + p.shape[1:], device=p.device, dtype=p.grad.dtype)
+            work = dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.AVG, async_op=True)
+            self._pending.append((out, work))
+
+    @torch.no_grad()
+    def wait_reduce_scatter(self) -> list:
+        grads = []
+        for (g, work), group in zip(self._pending, self.param_groups):
+            if work is not None:
+                work.wait()
+            _, lo, hi = self._shard(group["params"][0])
+            grads.append(g[:hi - lo] if work is not None else g)
+        return grads
+
+    @torch.no_grad()
+    def owned_grad_sq_norm(self, grads: list) -> torch.Tensor:
+        return sum(g.float().square().sum() for g in grads)
+
+    @torch.no_grad()
+    def step(self, grads: list, clip_coef: torch.Tensor) -> None:
+        gathers = []
+        for group, g in zip(self.param_groups, grads):
+            p = group["params"][0]
+            per_rank, lo, hi = self._shard(p)
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p[lo:hi])
+            buf, mu = state["momentum_buffer"], group["momentum"]
+            g = g * clip_coef
+            buf.mul_(mu).add_(g)
+            update = zeropower_via_newtonschulz5(g + mu * buf, group["backend_steps"])  # Nesterov
+            update = update.to(p.dtype) * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
+            lr = (group["lrs"][lo:hi] * group["lr_mult"]).view(-1, 1, 1)
+            shard = p[lo:hi]
+            shard.mul_(1 - lr * group["weight_decay"]).sub_(lr * update)  # decoupled weight decay
+            if self.d.world_size > 1:
+                send = torch.zeros((per_rank,) + p.shape[1:], device=p.device, dtype=p.dtype)
+                send[:hi - lo] = shard
+                full = torch.empty((per_rank * self.d.world_size,) + p.shape[1:], device=p.device, dtype=p.dtype)
+                gathers.append((p, full, dist.all_gather_into_tensor(full, send, async_op=True)))
+        for p, full, work in gathers:  # the gathers overlapped with the next banks' Newton-Schulz
+            work.wait()
+            p.copy_(full[:p.size(0)])
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
+    """ParallelMuon for the banks; AdamW for embeddings (EMBED_LR) and every other small tensor
+    (SCALAR_LR). Returns (muon, adam, replicated params)."""
+    L, n_enc = hp.num_layers, hp.num_encoder_layers
+    layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])
+    banks = [getattr(model, name) for name in BANKS]
+    lrs = [layer_lr.repeat(2), layer_lr.repeat(2), layer_lr, layer_lr]  # bank rows: layer i and L + i
+    muon = ParallelMuon(banks, lrs, hp.muon_momentum_warmup_start, hp.muon_wd, hp.muon_backend_steps, d)
+    embed_names = {"tok_emb.weight", "bigram.embed.weight", "ve.embed.weight"}
+    named = [(n, p) for n, p in model.named_parameters() if n not in BANKS]
+    embeds = [p for n, p in named if n in embed_names]
+    scalars = [p for n, p in named if n not in embed_names]
+    adam = torch.optim.AdamW(
+        [dict(params=embeds, lr=hp.embed_lr, base_lr=hp.embed_lr),
+         dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)],
+        betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
+        fused=d.is_cuda)
+    return muon, adam, embeds + scalars
+
+
+def all_reduce_grads(params: list, op: str = "avg") -> None:
+    """One flat all-reduce for all replicated parameters' gradients."""
+    grads = [p.grad for p in params]
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), op)
+    pieces = flat.split([g.numel() for g in grads])
+    torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(pieces, grads)])
+
+
+# =====================================================================================================
+# Training
+# =====================================================================================================
+# WSD schedule on the wall clock (or on the step count when MAX_WALLCLOCK_SECONDS=0, which makes two runs
+# with the same SEED bit-identical on the same CPU), complementary loss, late QAT, EMA + SWA. Compile
+# warm-up steps run before the clock and are undone. The loop stops EXPORT_RESERVE_SECONDS before the
+# budget so GPTQ calibration, quantization and writing the artifact fit inside MAX_WALLCLOCK_SECONDS.
+
+def autocast(d: Dist):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if d.is_cuda else contextlib.nullcontext()
+
+
+class BigramCounter:
+    """Complementary loss (parameter-golf "complementary training" records): bigram counts of every
+    training token seen so far. Every rank counts the whole global micro-batch, so counts are identical
+    everywhere without communication. weight = max(0.1, 1 - alpha * count(prev->tgt) / (count(prev) + 1))."""
+
+    def __init__(self, vocab_size: int, alpha: float, device: torch.device):
+        self.V, self.alpha = vocab_size, alpha
+        self.pair = torch.zeros(vocab_size * vocab_size, dtype=torch.int64, device=device)
+        self.prev = torch.zeros(vocab_size, dtype=torch.int64, device=device)
+
+    def weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.pair[x * self.V + y].float()
+        n = self.prev[x].float()
+        return torch.clamp(1.0 - self.alpha * c / (n + 1.0), min=0.1)
+
+    def update(self, rows: torch.Tensor) -> None:  # rows: (world, span) global micro-batch
+        prev, tgt = rows[:, :-1].reshape(-1), rows[:, 1:].reshape(-1)
+        self.pair += torch.bincount(prev * self.V + tgt, minlength=self.V * self.V)
+        self.prev += torch.bincount(prev, minlength=self.V)
+
+
+def lr_multiplier(progress: float, warmdown_frac: float) -> float:
+    """WSD: 1 for the first (1 - warmdown_frac) of training, then a cosine to 0 at progress 1."""
+    start = 1.0 - warmdown_frac
+    if progress <= start:
+        return 1.0
+    x = min(1.0, (progress - start) / warmdown_frac)
+    return 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
+    frac = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    return hp.muon_momentum_warmup_start + frac * (hp.muon_momentum - hp.muon_momentum_warmup_start)
+
+
+@dataclass
+class Trainer:
+    """What a training step needs; `step_fn` is the (compiled on CUDA) model forward returning the loss."""
+    hp: Hyperparameters
+    d: Dist
+    model: GPT
+    step_fn: object
+    muon: ParallelMuon
+    adam: torch.optim.Optimizer
+    replicated: list
+
+    @property
+    def grad_accum(self) -> int:
+        return 8 // self.d.world_size
+
+    def step(self, loader: DistributedTokenLoader, counter: BigramCounter | None, lr_mult: float,
+             momentum: float, qat: bool) -> torch.Tensor:
+        hp, accum = self.hp, self.grad_accum
+        total = torch.zeros((), device=self.d.device)
+        for _ in range(accum):
+            x, y, rows = loader.next_batch(hp.train_batch_tokens // accum, hp.train_seq_len)
+            weights = None
+            if counter is not None:
+                weights = counter.weights(x, y)  # counts of earlier micro-batches only
+                counter.update(rows)
+            with autocast(self.d):
+                loss = self.step_fn(x, y, weights, qat)
+            (loss / accum).backward()
+            total += loss.detach()
+        self.muon.launch_reduce_scatter()
+        all_reduce_grads(self.replicated)  # overlaps with the banks' reduce-scatter
+        grads = self.muon.wait_reduce_scatter()
+        clip = torch.ones((), device=self.d.device)
+        if hp.grad_clip_norm > 0:
+            sq = all_reduce(self.muon.owned_grad_sq_norm(grads)) + sum(p.grad.float().square().sum()
+                                                                     for p in self.replicated)
+            clip = torch.clamp(hp.grad_clip_norm / (sq.sqrt() + 1e-6), max=1.0)
+            torch._foreach_mul_([p.grad for p in self.replicated], clip)
+        for group in self.adam.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+        for group in self.muon.param_groups:
+            group["lr_mult"], group["momentum"] = lr_mult, momentum
+        self.adam.step()
+        self.muon.step(grads, clip)
+        self.model.zero_grad(set_to_none=True)
+        return total / accum
+
+    def snapshot(self):
+        return copy.deepcopy((self.model.state_dict(), self.muon.state_dict(), self.adam.state_dict()))
+
+    def restore(self, snap) -> None:
+        model_sd, muon_sd, adam_sd = snap
+        self.model.load_state_dict(model_sd)
+        self.muon.load_state_dict(muon_sd)
+        self.adam.load_state_dict(adam_sd)
+
+
+class WeightAverager:
+    """EMA of every parameter each step; during the low-LR tail (LR multiplier < SWA_LR_THRESHOLD) a
+    snapshot every SWA_EVERY steps. Final = (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * mean(snapshots)."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters):
+        self.hp, self.params = hp, [p for p in model.parameters()]
+        self.ema = [p.detach().float().clone() for p in self.params]
+        self.swa, self.swa_count = None, 0
+
+    @torch.no_grad()
+    def update(self, step: int, lr_mult: float) -> None:
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - self.hp.ema_decay)
+        if lr_mult < self.hp.swa_lr_threshold and step % self.hp.swa_every == 0:
+            if self.swa is None:
+                self.swa = [torch.zeros_like(e) for e in self.ema]
+            torch._foreach_add_(self.swa, [p.detach().float() for p in self.params])
+            self.swa_count += 1
+
+    @torch.no_grad()
+    def apply_final(self) -> str:
+        final = self.ema
+        if self.swa_count > 0:
+            w = self.hp.swa_weight
+            final = [(1 - w) * e + (w / self.swa_count) * s for e, s in zip(self.ema, self.swa)]
+        for p, f in zip(self.params, final):
+            p.copy_(f)
+        return f"ema_decay:{self.hp.ema_decay} swa_snapshots:{self.swa_count} swa_weight:{self.hp.swa_weight}"
+
+
+@torch.no_grad()
+def eval_val_loss(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist):
+    """Quick validation for training progress: contiguous TRAIN_SEQ_LEN sequences (no sliding window)."""
+    seq = hp.train_seq_len
+    n_seqs = (val_tokens.numel() - 1) // seq
+    lo, hi = n_seqs * d.rank // d.world_size, n_seqs * (d.rank + 1) // d.world_size
+    batch = max(1, hp.val_batch_tokens // (d.world_size * seq))
+    sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # nll, tokens, bytes
+    model.eval()
+    for s in range(lo, hi, batch):
+        e = min(hi, s + batch)
+        chunk = val_tokens[s * seq:e * seq + 1].to(d.device, dtype=torch.int64)
+        x, y = chunk[:-1].view(-1, seq), chunk[1:].view(-1, seq)
+        with autocast(d):
+            logits = model.logits(model.hidden(x))
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        sums += torch.stack([nll.double(), torch.tensor(y.numel(), device=d.device, dtype=torch.float64),
+                             target_bytes(x, y, luts).sum().double()])
+    model.train()
+    all_reduce(sums)
+    nll, tokens, n_bytes = sums.tolist()
+    return nll / tokens, bits_per_byte(nll, n_bytes)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_seconds: float
+    final_train_loss: float
+
+
+def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
+    """Compile every variant (plain and late-QAT) before the clock, then undo the warm-up's effect on
+    weights and optimizer state; the caller starts a fresh loader and fresh bigram counts."""
+    hp = trainer.hp
+    if hp.warmup_steps == 0:
+        return
+    snap = trainer.snapshot()
+    loader = DistributedTokenLoader(hp.data_path, trainer.d, hp.vocab_size)
+    counter = BigramCounter(hp.vocab_size, hp.complement_alpha, trainer.d.device) if hp.complement_alpha > 0 else None
+    t0 = time.perf_counter()
+    for i in range(hp.warmup_steps):
+        qat = hp.late_qat_frac < 1 and i >= hp.warmup_steps // 2
+        trainer.step(loader, counter, 1.0, hp.muon_momentum_warmup_start, qat)
+    sync(trainer.d)
+    trainer.restore(snap)
+    log(f"warmup_steps:{hp.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s "
+        f"restored:weights,optimizer_state,loader,bigram_counts")
+
+
+def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log: RunLog) -> TrainResult:
+    hp, d = trainer.hp, trainer.d
+    wallclock = hp.max_wallclock_seconds > 0
+    warmup_and_restore(trainer, log)
+    loader = DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
+    counter = BigramCounter(hp.vocab_size, hp.complement_alpha, d.device) if hp.complement_alpha > 0 else None
+    averager = WeightAverager(trainer.model, hp)
+    train_s, step, last_log, loss = 0.0, 0, time.perf_counter(), torch.zeros(())
+    while True:
+        progress = train_s / hp.train_budget_seconds if wallclock else step / hp.iterations
+        if step >= hp.iterations or (wallclock and any_rank(train_s >= hp.train_budget_seconds, d.device)):
+            break
+        lr_mult = lr_multiplier(progress, hp.warmdown_frac)
+        qat = progress >= hp.late_qat_frac
+        t0 = time.perf_counter()
+        loss = trainer.step(loader, counter, lr_mult, muon_momentum_at(step, hp), qat)
+        sync(d)
+        train_s += time.perf_counter() - t0
+        step += 1
+        averager.update(step, lr_mult)
+        if step % hp.train_log_every == 0 or time.perf_counter() - last_log > 20 or step == hp.iterations:
+            last_log = time.perf_counter()
+            log_train_step(hp, step, all_reduce(loss.detach().clone(), "avg").item(), train_s, lr_mult, qat, log)
+        if hp.val_loss_every > 0 and step % hp.val_loss_every == 0:
+            val_loss, val_bpb = eval_val_loss(trainer.model, val_tokens, luts, hp, d)
+            log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{train_s * 1000:.0f}ms")
+    final_loss = all_reduce(loss.detach().clone(), "avg").item()
+    check_finite(final_loss, step)
+    if wallclock and step < hp.iterations:
+        log(f"stopping_early: wallclock_cap train_time:{train_s * 1000:.0f}ms step:{step}/{hp.iterations}")
+    log(f"weight_averaging: {averager.apply_final()}")
+    return TrainResult(step, train_s, final_loss)
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise GolfError(f"train_loss is {loss} at step {step}: training diverged (lower the learning rates "
+                        f"MATRIX_LR_ENCODER/MATRIX_LR_DECODER/EMBED_LR/SCALAR_LR or GRAD_CLIP_NORM)")
+
+
+def log_train_step(hp, step: int, loss: float, train_s: float, lr_mult: float, qat: bool, log: RunLog) -> None:
+    check_finite(loss, step)
+    avg_ms = 1000 * train_s / step
+    if hp.max_wallclock_seconds > 0:
+        eta = max(0.0, hp.train_budget_seconds - train_s)
+    else:
+        eta = avg_ms * (hp.iterations - step) / 1000
+    log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{train_s * 1000:.0f}ms "
+        f"step_avg:{avg_ms:.2f}ms tok_s:{hp.train_batch_tokens * step / max(train_s, 1e-9):.0f} "
+        f"lr_mult:{lr_mult:.3f} qat:{int(qat)} eta:{eta:.0f}s")
+
+
+# =====================================================================================================
+# Quantization and serialization
+# =====================================================================================================
+# SPEC §4. Block matrices: full-Hessian GPTQ to int5 (Frantar et al. 2022, names follow IST-DASLab's
+# gptq.py) with H = mean x^T x of the matrix's inputs over calibration sequences of training data, taken
+# inside the training budget. Embedding tables: int8 per row. Tensors of <= 65,536 elements: fp16.
+# The artifact is a self-describing byte container (JSON header, then raw arrays; no pickle) compressed
+# with LZMA; 5-bit values are either bit-packed or stored one per byte, whichever compresses smaller.
+
+ARTIFACT_MAGIC = b"PGOLF\x05"
+ARTIFACT_VERSION = 1
+EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
+SMALL_TENSOR_NUMEL = 65536
+LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+
+
+def quantize_rtn(W: torch.Tensor, bits: int = 5, clip: float = 1.0) -> tuple:
+    """Per-row symmetric round-to-nearest: (Q int8 in [-qmax, qmax], scale fp16 (R,))."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = int_row_scale(W, qmax, clip)
+    Q = torch.clamp(torch.round(W.float() / scale), -qmax, qmax).to(torch.int8)
+    return Q, scale.view(-1).half()
+
+
+def dequantize(Q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return Q.float() * scale.float().view(-1, 1)
+
+
+def hessian_weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per-row tr-contribution (W - W_hat) H (W - W_hat)^T: the layer's output error on the inputs."""
+    E = (W - W_hat).float()
+    return ((E @ H.float()) * E).sum(dim=1)
+
+
+def prune_smallest(W: torch.Tensor, frac: float) -> torch.Tensor:
+    """Zero the `frac` smallest-magnitude entries of W (ties broken by position)."""
+    k = int(frac * W.numel())
+    if k == 0:
+        return W
+    W = W.clone()
+    W.view(-1)[torch.argsort(W.abs().view(-1), stable=True)[:k]] = 0
+    return W
+
+
+def _gptq_columns(W: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int):
+    """The GPTQ sweep over permuted columns with lazy batched updates. W (R, C) is updated in place;
+    Hinv is the upper Cholesky factor of H^-1; scale (R,) per-row. Returns Q (R, C) as float."""
+    R, C = W.shape
+    Q = torch.zeros_like(W)
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+            Q[:, i1 + i] = q
+            err = (w - q * scale) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns after this block
+    return Q
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 5, block_size: int = 128,
+                  percdamp: float = 0.01, clip_levels: tuple = (1.0,)) -> tuple:
+    """Full-Hessian GPTQ of W (R, C) given H (C, C). Columns in descending diag(H) order; damping
+    percdamp * mean(diag H); the upper Cholesky factor of H^-1. Every row's scale is chosen among
+    `clip_levels` * max|row| / qmax by the Hessian-weighted error *after* GPTQ (all levels run at once,
+    stacked as extra rows: GPTQ treats rows independently). Returns (Q int8, scale fp16 (R,))."""
+    qmax = 2 ** (bits - 1) - 1
+    W, H = W.float().clone(), H.float().clone()
+    R, C = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0  # an input that is always zero: its weights do nothing
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    invperm = torch.argsort(perm)
+    Hp = H[perm][:, perm]
+    damp = percdamp * torch.mean(torch.diag(Hp))
+    Hp += damp * torch.eye(C, device=H.device)
+    L, info = torch.linalg.cholesky_ex(Hp)
+    if info != 0:
+        raise GolfError(f"GPTQ: Hessian not positive definite after damping GPTQ_PERCDAMP={percdamp}")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    scales = torch.stack([int_row_scale(W, qmax, c).view(-1) for c in clip_levels])  # (K, R)
+    K = len(clip_levels)
+    Qp = _gptq_columns(W[:, perm].repeat(K, 1), Hinv, scales.view(-1), qmax, block_size)
+    Q = Qp[:, invperm].view(K, R, C)
+    errors = torch.stack([hessian_weighted_error(W, Q[k] * scales[k][:, None], H) for k in range(K)])
+    best = torch.argmin(errors, dim=0)  # (R,): the clip level with the smallest error per row
+    rows = torch.arange(R, device=W.device)
+    return Q[best, rows].to(torch.int8), scales[best, rows].half()
+
+
+def pack_int5(Q: torch.Tensor) -> bytes:
+    """Bit-pack integers in [-15, 15] as 5-bit codes, 8 values per 5 bytes (little-endian)."""
+    u = (Q.reshape(-1).to(torch.int64) + INT5_QMAX).cpu().numpy().astype(np.uint64)
+    u = np.concatenate([u, np.zeros((-u.size) % 8, dtype=np.uint64)]).reshape(-1, 8)
+    word = np.zeros(u.shape[0], dtype=np.uint64)
+    for j in range(8):
+        word |= u[:, j] << np.uint64(5 * j)
+    return np.stack([(word >> np.uint64(8 * b)) & np.uint64(0xFF) for b in range(5)], axis=1).astype(np.uint8).tobytes()
+
+
+def unpack_int5(data: bytes, n: int) -> torch.Tensor:
+    b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 5).astype(np.uint64)
+    word = np.zeros(b.shape[0], dtype=np.uint64)
+    for i in range(5):
+        word |= b[:, i] << np.uint64(8 * i)
+    u = np.stack([(word >> np.uint64(5 * j)) & np.uint64(31) for j in range(8)], axis=1).reshape(-1)[:n]
+    if u.size and u.max() > 2 * INT5_QMAX:
+        raise ValueError("5-bit code out of range")
+    return torch.from_numpy(u.astype(np.int16) - INT5_QMAX).to(torch.int8)
+
+
+def int5_payload_bytes(n: int, packing: str) -> int:
+    return (n + 7) // 8 * 5 if packing == "bits5" else n
+
+
+def quantize_tensor(name: str, W: torch.Tensor, H: torch.Tensor | None, block_matrix: bool,
+                    hp: Hyperparameters) -> dict:
+    """One state-dict entry -> {'kind', 'q', 'scale'} or {'kind', 'data'} (pure; the caller logs)."""
+    if block_matrix:
+        W = prune_smallest(W.float(), hp.prune_pct)
+        if H is None:
+            Q, scale = quantize_rtn(W, 5)
+        else:
+            Q, scale = gptq_quantize(W, H, 5, hp.gptq_block_size, hp.gptq_percdamp, hp.clip_levels())
+        return dict(kind="int5", q=Q, scale=scale, gptq=H is not None)
+    if name in EMBEDDING_NAMES or (W.ndim == 2 and W.numel() > SMALL_TENSOR_NUMEL):
+        Q, scale = quantize_rtn(W, 8)
+        return dict(kind="int8", q=Q, scale=scale)
+    return dict(kind="fp16", data=W.half())
+
+
+def entry_to_tensor(entry: dict) -> torch.Tensor:
+    if entry["kind"] in ("int5", "int8"):
+        return dequantize(entry["q"], entry["scale"])
+    return entry["data"].float()
+
+
+def serialize_artifact(entries: dict, config: dict, packing: str) -> bytes:
+    """Container: magic | u32 header length | JSON header | values of every tensor | fp16 scales."""
+    meta, values, scales = [], [], []
+    for name, e in entries.items():
+        shape = list((e["q"] if "q" in e else e["data"]).shape)
+        meta.append(dict(name=name, kind=e["kind"], shape=shape))
+        if e["kind"] == "int5":
+            q = e["q"].cpu()
+            values.append(pack_int5(q) if packing == "bits5" else (q.to(torch.int16) + INT5_QMAX).to(torch.uint8).numpy().tobytes())
+        elif e["kind"] == "int8":
+            values.append(e["q"].cpu().numpy().tobytes())
+        else:
+            values.append(e["data"].cpu().numpy().astype("<f2").tobytes())
+        if "scale" in e:
+            scales.append(e["scale"].cpu().numpy().astype("<f2").tobytes())
+    header = json.dumps(dict(version=ARTIFACT_VERSION, packing=packing, config=config, tensors=meta),
+                        separators=(",", ":")).encode()
+    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(values) + b"".join(scales)
+
+
+def deserialize_artifact(blob: bytes) -> tuple:
+    """Inverse of serialize_artifact: (config, {name: float32 tensor}). Needs nothing but the bytes."""
+    if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise ValueError("bad magic")
+    (hlen,) = struct.unpack_from("<I", blob, len(ARTIFACT_MAGIC))
+    off = len(ARTIFACT_MAGIC) + 4
+    header = json.loads(blob[off:off + hlen])
+    if header["version"] != ARTIFACT_VERSION:
+        raise ValueError(f"version {header['version']} != {ARTIFACT_VERSION}")
+    off += hlen
+    packing, decoded = header["packing"], []
+    for t in header["tensors"]:
+        n = math.prod(t["shape"])
+        size = {"int5": int5_payload_bytes(n, packing), "int8": n, "fp16": 2 * n}[t["kind"]]
+        raw = blob[off:off + size]
+        off += size
+        if t["kind"] == "int5":
+            q = unpack_int5(raw, n) if packing == "bits5" else torch.from_numpy(
+                np.frombuffer(raw, dtype=np.uint8).astype(np.int16) - INT5_QMAX).to(torch.int8)
+            decoded.append((t, q))
+        elif t["kind"] == "int8":
+            decoded.append((t, torch.from_numpy(np.frombuffer(raw, dtype=np.int8).copy())))
+        else:
+            decoded.append((t, torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float32))))
+    tensors = {}
+    for t, values in decoded:
+        if t["kind"] in ("int5", "int8"):
+            rows = t["shape"][0]
+            scale = torch.from_numpy(np.frombuffer(blob[off:off + 2 * rows], dtype="<f2").astype(np.float32))
+            off += 2 * rows
+            tensors[t["name"]] = dequantize(values.view(t["shape"]), scale)
+        else:
+            tensors[t["name"]] = values.view(t["shape"])
+    if off != len(blob):
+        raise ValueError(f"{len(blob) - off} trailing bytes")
+    return header["config"], tensors
+
+
+def compress(blob: bytes) -> bytes:
+    return lzma.compress(blob, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=LZMA_PRESET)
+
+
+def read_artifact(path: Path) -> tuple:
+    try:
+        return deserialize_artifact(lzma.decompress(Path(path).read_bytes()))
+    except FileNotFoundError:
+        raise GolfError(f"artifact {path}: no such file") from None
+    except (lzma.LZMAError, ValueError, KeyError, struct.error, json.JSONDecodeError) as e:
+        raise GolfError(f"artifact {path}: corrupt or not an artifact of this script ({e})") from None
+
+
+def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist) -> GPT:
+    """Rebuild the network from the artifact alone: its header carries the architecture."""
+    config, tensors = read_artifact(path)
+    model = GPT(dataclasses.replace(hp, **config)).to(d.device)
+    load_unbanked_state_dict(model, {k: v.to(d.device) for k, v in tensors.items()})
+    return model
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
+    """H = mean x^T x of every block matrix's input over GPTQ_N_SAMPLES training sequences, identical on
+    all ranks (each rank takes a share, then one all-reduce). q/k/v share one input, so one H."""
+    sources = {}
+    for i, block in enumerate(model.blocks):
+        p = f"blocks.{i}."
+        for slot, key in ((block.attn.c_q, "attn.c_q"), (block.attn.c_proj, "attn.c_proj"),
+                          (block.mlp.c_fc, "mlp.c_fc"), (block.mlp.c_proj, "mlp.c_proj")):
+            sources[p + key] = slot
+    H = {name: torch.zeros(slot_in_features(model, name), slot_in_features(model, name), device=d.device)
+         for name in sources}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].size(-1)).float()
+            H[name].addmm_(x.T, x)
+        return fn
+
+    handles = [slot.register_forward_pre_hook(hook(name)) for name, slot in sources.items()]
+    seq = hp.train_seq_len
+    stream = TokenStream(hp.data_path)
+    tokens = stream.take(hp.gptq_n_samples * seq + 1)
+    lo, hi = hp.gptq_n_samples * d.rank // d.world_size, hp.gptq_n_samples * (d.rank + 1) // d.world_size
+    batch = max(1, hp.val_batch_tokens // (d.world_size * seq) // 8)
+    model.eval()
+    try:
+        for s in range(lo, hi, batch):
+            x = tokens[s * seq:min(hi, s + batch) * seq].view(-1, seq).to(d.device, dtype=torch.int64)
+            with autocast(d):
+                model.hidden(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    n_tokens = hp.gptq_n_samples * seq
+    for name in list(H):
+        H[name] = all_reduce(H[name]) / n_tokens
+        if name.endswith("attn.c_q"):
+            H[name[:-3] + "c_k"] = H[name[:-3] + "c_v"] = H[name]
+    return H
+
+
+def slot_in_features(model: GPT, name: str) -> int:
+    return block_matrices(model)[name].size(1)
+
+
+def quantize_model(model: GPT, hessians: dict, hp: Hyperparameters, d: Dist, log: RunLog) -> dict:
+    """Quantize every tensor of the unbanked state dict. GPTQ matrices are spread round-robin over the
+    ranks and broadcast from their owner, so every rank ends with all entries."""
+    sd = unbanked_state_dict(model)
+    names, matrices = list(sd), {name + ".weight" for name in block_matrices(model)}
+    entries = {}
+    for i, name in enumerate(names):
+        H = hessians.get(name[:-7]) if name in matrices else None
+        owner = i % d.world_size
+        if owner == d.rank:
+            t0 = time.perf_counter()
+            entries[name] = quantize_tensor(name, sd[name], H, name in matrices, hp)
+            entries[name]["seconds"] = time.perf_counter() - t0
+        else:
+            entries[name] = None
+    for i, name in enumerate(names):
+        entries[name] = broadcast_entry(entries[name], sd[name], i % d.world_size, d)
+        e = entries[name]
+        if e["kind"] == "int5":
+            W = sd[name].float()
+            H = hessians.get(name[:-7])
+            err_q = hessian_weighted_error(W, dequantize(e["q"], e["scale"]), H).sum().item() if H is not None else float("nan")
+            err_rtn = hessian_weighted_error(W, dequantize(*quantize_rtn(W, 5)), H).sum().item() if H is not None else float("nan")
+            method = "gptq" if e["gptq"] else "rtn_no_hessian"
+            log(f"gptq: {name} shape:{tuple(W.shape)} method:{method} h_err:{err_q:.4e} rtn_h_err:{err_rtn:.4e} "
+                f"ratio:{err_q / err_rtn if err_rtn > 0 else float('nan'):.3f} time:{e.get('seconds', 0.0):.2f}s")
+    return entries
+
+
+def broadcast_entry(entry: dict | None, W: torch.Tensor, owner: int, d: Dist) -> dict:
+    """Send one quantized entry from its owner rank to all ranks (shapes are known from W)."""
+    if d.world_size == 1:
+        return entry
+    kind = torch.tensor([0 if entry is None else {"int5": 1, "int8": 2, "fp16": 3}[entry["kind"]]], device=d.device)
+    all_reduce(kind, "max")
+    kind_name = {1: "int5", 2: "int8", 3: "fp16"}[int(kind.item())]
+    if kind_name == "fp16":
+        data = entry["data"] if entry is not None else torch.empty(W.shape, dtype=torch.float16, device=d.device)
+        return dict(kind="fp16", data=broadcast(data.contiguous(), owner))
+    q = entry["q"] if entry is not None else torch.empty(W.shape, dtype=torch.int8, device=d.device)
+    scale = entry["scale"] if entry is not None else torch.empty(W.shape[0], dtype=torch.float16, device=d.device)
+    out = dict(kind=kind_name, q=broadcast(q.contiguous(), owner), scale=broadcast(scale.contiguous(), owner))
+    if kind_name == "int5":
+        flag = torch.tensor([float(entry["gptq"]) if entry is not None else 0.0], device=d.device)
+        out["gptq"] = bool(all_reduce(flag, "max").item())
+        out["seconds"] = entry["seconds"] if entry is not None else 0.0
+    return out
+
+
+def write_artifact(entries: dict, config: dict, path: Path, log: RunLog) -> int:
+    """Compress both packings in parallel (LZMA releases the GIL), keep the smaller, write atomically."""
+    with ThreadPoolExecutor(2) as pool:
+        packed = dict(zip(("bits5", "bytes"), pool.map(lambda p: compress(serialize_artifact(entries, config, p)),
+                                                       ("bits5", "bytes"))))
+    best = min(packed, key=lambda p: len(packed[p]))
+    log(f"artifact_packing: bits5:{len(packed['bits5'])} bytes:{len(packed['bytes'])} bytes chosen:{best}")
+    path.write_bytes(packed[best])
+    return len(packed[best])
+
+
+# =====================================================================================================
+# Evaluation
+# =====================================================================================================
+# SPEC §5, the number that is reported. One left-to-right pass over the validation tokens in chunks of
+# TTT_CHUNK_TOKENS targets. For each chunk: (1) score every target once with a sliding window (length
+# EVAL_SEQ_LEN, stride EVAL_STRIDE; windows split across ranks) using the Polyak-averaged LoRA weights
+# and temperature TTT_TEMPERATURE; (2) mix each target's model probability with the n-gram cache built
+# from earlier chunks only; (3) add the chunk to the cache; (4) one LoRA step on the chunk (not after the
+# last). Every validity condition (C1-C4) is tested in tests/test_eval_validity.py.
+
+def make_windows(n_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
+    """Sliding windows over targets 1..n_tokens-1, each target scored exactly once: (K, 3) rows of
+    (input start, first scored target, last scored target). The first window scores its whole length,
+    later ones their last `stride` targets (the final one fewer), so each target sees >= seq_len - stride
+    tokens of context once the text is long enough."""
+    last = n_tokens - 1
+    first_end = min(seq_len, last)
+    ends = torch.cat([torch.arange(first_end, last, stride), torch.tensor([last])])
+    lo = torch.cat([torch.tensor([1]), ends[:-1] + 1])
+    return torch.stack([(ends - seq_len).clamp(min=0), lo, ends], dim=1)
+
+
+@dataclass
+class Scored:
+    """Per-target results of one rank for one chunk (all float64 except pos)."""
+    pos: torch.Tensor        # (M,) target positions
+    logp: torch.Tensor       # (M,) model log-probability of the target (after temperature)
+    entropy: torch.Tensor    # (M,) model entropy in nats
+    audit_rows: torch.Tensor  # (K, V) full model log-probabilities at K sampled targets
+    audit_idx: torch.Tensor   # (K,) indices into pos of those targets
+
+
+@torch.no_grad()
+def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Tensor, hp: Hyperparameters,
+                  temperature: float, d: Dist, n_audit: int) -> Scored:
+    pos, logp, ent, audit_rows, audit_idx = [], [], [], [], []
+    B, seen = hp.eval_batch_seqs, 0
+    for b in range(0, windows.size(0), B):
+        w = windows[b:b + B]
+        n, length = w.size(0), int(w[0, 2] - w[0, 0])
+        if d.is_cuda and n < B:  # fixed shapes for the compiled forward
+            w = torch.cat([w, w[-1:].expand(B - n, 3)])
+        start, lo = w[:, 0].to(d.device), w[:, 1].to(d.device)
+        idx = start[:, None] + torch.arange(length, device=d.device)  # (B, T) input positions
+        with autocast(d):
+            h = hidden_fn(tokens[idx])  # (B, T, D)
+        j = torch.arange(length, device=d.device)
+        mask = (j[None, :] >= (lo - start - 1)[:, None]) & (torch.arange(w.size(0), device=d.device) < n)[:, None]
+        tgt_pos = (idx + 1)[mask]
+        z = model.logits(h[mask]).double() / temperature
+        lp = torch.log_softmax(z, dim=-1)  # float64: the scored distribution sums to 1 to ~1e-15
+        pos.append(tgt_pos)
+        logp.append(lp.gather(1, tokens[tgt_pos][:, None]).squeeze(1))
+        ent.append(-(lp.exp() * lp).sum(-1))
+        if n_audit > 0 and not audit_rows:
+            pick = torch.linspace(0, lp.size(0) - 1, min(n_audit, lp.size(0)), device=d.device).long()
+            audit_rows.append(lp[pick])
+            audit_idx.append(pick + seen)
+        seen += tgt_pos.numel()
+    empty = torch.zeros(0, device=d.device, dtype=torch.float64)
+    cat = lambda xs, e: torch.cat(xs) if xs else e
+    return Scored(cat(pos, empty.long()), cat(logp, empty), cat(ent, empty),
+                  cat(audit_rows, empty.view(0, hp.vocab_size)), cat(audit_idx, empty.long()))
+
+
+class NGramCache:
+    """Exact counts of (context, next token) for orders NGRAM_EVAL_MIN_ORDER..NGRAM_EVAL_ORDER over
+    tokens that have already been scored.
+
+    Key of a pair = (context hash << vbits) | token, with a 63 - vbits (53 for V=1024) bit hash of the
+    n - 1 previous tokens. All pairs of one context are contiguous in key order, so count(context) is
+    the sum of its pairs' counts (a prefix-sum difference): sum_v count(ctx, v) = count(ctx) by
+    construction, even if two contexts collide in the hash. p_ng(v) = count(ctx, v) / count(ctx) is a
+    true distribution over the whole vocabulary, and scoring reads its entry at the target.
+
+    Storage: per order, a few sorted runs (keys, prefix sums of counts), merged log-structured (a run is
+    merged into the previous while that one is not at least twice its size), so updates and lookups are
+    vectorized sorts and binary searches over a chunk, on the GPU when there is one."""
+
+    PRIME = 2 ** 31 - 1
+    BASES = (1_000_003, 1_234_567_891)
+
+    def __init__(self, min_order: int, max_order: int, vocab_size: int, device: torch.device):
+        self.orders = list(range(max_order, min_order - 1, -1))  # highest first
+        self.vbits = max(1, (vocab_size - 1).bit_length())
+        self.ctx_shift = 63 - self.vbits - 31
+        self.runs = {n: [] for n in self.orders}
+        self.device = device
+
+    def context_hashes(self, tokens: torch.Tensor, pos: torch.Tensor) -> dict:
+        """{order: (hash of tokens[pos-order+1 : pos], valid)} for every order; valid = enough history."""
+        a = torch.zeros_like(pos)
+        b = torch.zeros_like(pos)
+        out = {}
+        for k in range(1, max(self.orders)):
+            p = pos - k
+            t = tokens[p.clamp(min=0)] + 1
+            a = (a * self.BASES[0] + t) % self.PRIME  # < 2^62: no int64 overflow
+            b = (b * self.BASES[1] + t) % self.PRIME
+            if k + 1 in self.runs:
+                out[k + 1] = ((a << self.ctx_shift) ^ b, p >= 0)
+        return out
+
+    def _lookup(self, order: int, keys: torch.Tensor, right: bool = False) -> torch.Tensor:
+        """Sum over runs of the prefix count up to `keys` (exclusive, or inclusive with right=True)."""
+        total = torch.zeros_like(keys)
+        for run_keys, cum in self.runs[order]:
+            total += cum[torch.searchsorted(run_keys, keys, right=right)]
+        return total
+
+    def counts(self, order: int, ctx: torch.Tensor, tgt: torch.Tensor) -> tuple:
+        """(count(ctx), count(ctx, tgt)) for aligned (M,) tensors; tgt may be (M, V) for full rows."""
+        lo = ctx << self.vbits
+        hi = lo | ((1 << self.vbits) - 1)
+        ctx_count = self._lookup(order, hi, right=True) - self._lookup(order, lo)
+        key = (lo.view(-1, *([1] * (tgt.dim() - 1)))) | tgt
+        pair = self._lookup(order, key, right=True) - self._lookup(order, key)
+        return ctx_count, pair
+
+    def update(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add the pairs (context, tokens[p]) for every target position p in `pos`."""
+        for n, (h, valid) in self.context_hashes(tokens, pos).items():
+            keys = (h[valid] << self.vbits) | tokens[pos[valid]]
+            u, c = torch.unique(keys, return_counts=True)
+            self._push(n, u, c)
+
+    def _push(self, order: int, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        runs = self.runs[order]
+        runs.append((keys, torch.cat([counts.new_zeros(1), counts.cumsum(0)])))
+        while len(runs) >= 2 and runs[-2][0].numel() <= 2 * runs[-1][0].numel():
+            (k2, c2), (k1, c1) = runs.pop(), runs.pop()
+            u, inv = torch.unique(torch.cat([k1, k2]), return_inverse=True)
+            merged = torch.zeros_like(u).index_add_(0, inv, torch.cat([c1.diff(), c2.diff()]))
+            runs.append((u, torch.cat([merged.new_zeros(1), merged.cumsum(0)])))
+
+    def entries(self) -> int:
+        return sum(k.numel() for runs in self.runs.values() for k, _ in runs)
+
+    def memory_bytes(self) -> int:
+        return sum(k.numel() * 8 + c.numel() * 8 for runs in self.runs.values() for k, c in runs)
+
+
+@dataclass
+class MixParams:
+    """The n-gram mixing weight: a = clip(mult_n * (amin + (amax - amin) * sigmoid(s * (H - c_n))), 0, clip)
+    from the model's entropy H and the chosen order n only (never from the target)."""
+    min_count: int
+    alpha_min: float
+    alpha_max: float
+    entropy_scale: float
+    centers: dict
+    mults: dict
+    clip: float
+
+    @classmethod
+    def from_hp(cls, hp: Hyperparameters) -> "MixParams":
+        return cls(hp.ngram_eval_min_count, hp.ngram_eval_alpha_min, hp.ngram_eval_alpha_max,
+                   hp.ngram_eval_entropy_scale, hp.ngram_table("ngram_eval_centers"),
+                   hp.ngram_table("ngram_eval_mults"), hp.ngram_eval_alpha_clip)
+
+    def alpha(self, entropy: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        top = max(self.centers)
+        center = torch.tensor([self.centers.get(n, 0.0) for n in range(top + 1)], device=entropy.device,
+                              dtype=torch.float64)[order]
+        mult = torch.tensor([self.mults.get(n, 0.0) if n > 0 else 0.0 for n in range(top + 1)],
+                            device=entropy.device, dtype=torch.float64)[order]
+        a = (self.alpha_min + (self.alpha_max - self.alpha_min)
+             * torch.sigmoid(self.entropy_scale * (entropy - center))) * mult
+        return torch.where(order > 0, a.clamp(0.0, self.clip), torch.zeros_like(a))
+
+
+def ngram_mix(cache: NGramCache, mix: MixParams, tokens: torch.Tensor, sc: Scored) -> dict:
+    """Mixed log-probability of each scored target: log((1 - a) p_model + a p_ng) with p_ng from the
+    highest order whose context was seen >= min_count times (a = 0 where none was)."""
+    hashes = cache.context_hashes(tokens, sc.pos)
+    tgt = tokens[sc.pos]
+    order = torch.zeros_like(sc.pos)
+    ctx_count = torch.zeros_like(sc.pos)
+    p_ng = torch.zeros_like(sc.logp)
+    for n in cache.orders:
+        h, valid = hashes[n]
+        cc, pc = cache.counts(n, h, tgt)
+        take = (order == 0) & valid & (cc >= mix.min_count)
+        p_ng = torch.where(take, pc.double() / cc.clamp(min=1).double(), p_ng)
+        ctx_count = torch.where(take, cc, ctx_count)
+        order = torch.where(take, torch.full_like(order, n), order)
+    a = mix.alpha(sc.entropy, order)
+    mixed = torch.where(a > 0, torch.log((1 - a) * sc.logp.exp() + a * p_ng), sc.logp)
+    return dict(logp=mixed, order=order, alpha=a, hashes=hashes, ctx_count=ctx_count)
+
+
+def ngram_audit(cache: NGramCache, tokens: torch.Tensor, sc: Scored, m: dict) -> torch.Tensor:
+    """Materialize the full mixed distribution at the sampled targets. Returns [max |sum p - 1|,
+    -min p, max |log p[target] - scored log p|, count mismatches] (all should be ~0)."""
+    if sc.audit_idx.numel() == 0:
+        return torch.zeros(4, dtype=torch.float64, device=tokens.device)
+    i = sc.audit_idx
+    V = sc.audit_rows.size(1)
+    order, a = m["order"][i], m["alpha"][i]
+    vocab = torch.arange(V, device=tokens.device)
+    p_ng = torch.zeros_like(sc.audit_rows)
+    mismatch = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    for n in cache.orders:
+        sel = order == n
+        if not bool(sel.any()):
+            continue
+        h = m["hashes"][n][0][i][sel]
+        cc, pc = cache.counts(n, h, vocab.expand(h.numel(), V))
+        mismatch += (pc.sum(1) != cc).sum().double()  # sum_v count(ctx, v) must equal count(ctx)
+        p_ng[sel] = pc.double() / cc.double()[:, None]
+    p = (1 - a)[:, None] * sc.audit_rows.exp() + a[:, None] * p_ng
+    target_err = (p.gather(1, tokens[sc.pos[i]][:, None]).squeeze(1).log() - m["logp"][i]).abs().max()
+    return torch.stack([(p.sum(1) - 1).abs().max(), -p.min(), target_err, mismatch])
+
+
+class TestTimeTrainer:
+    """LoRA TTT on the q and v projections of the last TTT_LAST_N blocks: after a chunk is scored, one
+    AdamW step on its byte-weighted CE (its sequences split across ranks, gradients averaged), then
+    the Polyak average that the next chunk is scored with is updated."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
+        self.model, self.hp, self.d = model, hp, d
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gen = torch.Generator().manual_seed(hp.seed + 1)
+        self.loras = []
+        for block in model.blocks[-hp.ttt_last_n:]:
+            for slot, out_features in ((block.attn.c_q, hp.model_dim), (block.attn.c_v, hp.kv_dim)):
+                slot.lora = LoRA(hp.model_dim, out_features, hp.ttt_lora_rank, gen).to(d.device)
+                self.loras.append(slot.lora)
+        self.params = [p for lora in self.loras for p in (lora.A, lora.B)]
+        self.opt = torch.optim.AdamW(self.params, lr=hp.ttt_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def step(self, tokens: torch.Tensor, lo: int, hi: int, luts: ByteLUTs) -> None:
+        """One step on the targets lo..hi (a whole chunk, a multiple of EVAL_SEQ_LEN targets)."""
+        S, d = self.hp.eval_seq_len, self.d
+        n_seqs = (hi - lo + 1) // S
+        starts = lo - 1 + S * torch.arange(n_seqs, device=tokens.device)
+        idx = starts[:, None] + torch.arange(S, device=tokens.device)  # (n_seqs, S)
+        x, y = tokens[idx], tokens[idx + 1]
+        w = target_bytes(x, y, luts).clamp(min=1).double()
+        total_w = w.sum()  # the whole chunk's bytes: every rank knows them, no communication
+        mine = slice(n_seqs * d.rank // d.world_size, n_seqs * (d.rank + 1) // d.world_size)
+        for lora in self.loras:
+            lora.use_average = False
+        with autocast(d):
+            logits = self.model.logits(self.model.hidden(x[mine]))
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y[mine].reshape(-1), reduction="none")
+        loss = (ce.double() * w[mine].reshape(-1)).sum() / total_w
+        loss.backward()
+        for lora in self.loras:
+            lora.use_average = True
+        all_reduce_grads(self.params, "sum")  # each rank's loss is its share of one global mean
+        torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for lora in self.loras:
+            lora.polyak_update(self.hp.ttt_polyak_decay)
+
+
+class EvalBudgetExceeded(GolfError):
+    pass
+
+
+@dataclass
+class EvalResult:
+    model_loss: float
+    model_bpb: float
+    mixed_loss: float
+    mixed_bpb: float
+    n_targets: int
+    n_bytes: int
+    seconds: float
+    audit: list
+
+
+def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
+             temperature: float, use_ngram: bool, use_ttt: bool, clock_start: float | None = None,
+             label: str = "eval") -> EvalResult:
+    """The single pass. With clock_start, stops loudly (EvalBudgetExceeded) once EVAL_BUDGET_SECONDS
+    have passed since then: a partial score is never reported."""
+    t0 = time.perf_counter()
+    model.eval()
+    tokens = val_tokens.to(d.device, dtype=torch.int64)
+    N, C = tokens.numel(), hp.ttt_chunk_tokens
+    windows = make_windows(N, hp.eval_seq_len, hp.eval_stride)
+    chunk_of = (windows[:, 2] - 1) // C
+    n_chunks = int(chunk_of[-1]) + 1
+    cache = NGramCache(hp.ngram_eval_min_order, hp.ngram_eval_order, hp.vocab_size, d.device) if use_ngram else None
+    mix = MixParams.from_hp(hp)
+    ttt = TestTimeTrainer(model, hp, d) if use_ttt else None
+    hidden_fn = torch.compile(model.hidden, dynamic=False) if d.is_cuda else model.hidden
+    sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # model nll, mixed nll, bytes, targets
+    audit = torch.zeros(4, dtype=torch.float64, device=d.device)
+    dump = {k: torch.zeros(N - 1, dtype=torch.float64, device=d.device)
+            for k in ("model_nll", "mixed_nll", "bytes", "order", "alpha", "times_scored")} if hp.eval_dump_path else None
+    last_log = time.perf_counter()
+    bounds = torch.searchsorted(chunk_of, torch.arange(n_chunks + 1))
+    for c in range(n_chunks):
+        wins = windows[bounds[c]:bounds[c + 1]]
+        k = wins.size(0)
+        mine = wins[k * d.rank // d.world_size:k * (d.rank + 1) // d.world_size]
+        sc = score_windows(model, hidden_fn, tokens, mine, hp, temperature, d, hp.ngram_audit_positions if use_ngram else 0)
+        n_bytes = target_bytes(tokens[sc.pos - 1], tokens[sc.pos], luts).double()
+        if cache is not None:
+            m = ngram_mix(cache, mix, tokens, sc)
+            mixed = m["logp"]
+            audit = torch.maximum(audit, ngram_audit(cache, tokens, sc, m))
+        else:
+            m, mixed = None, sc.logp
+        chunk_sums = torch.stack([-sc.logp.sum(), -mixed.sum(), n_bytes.sum(), torch.tensor(float(sc.pos.numel()), device=d.device, dtype=torch.float64)])
+        sums += all_reduce(chunk_sums)
+        if dump is not None:
+            record_dump(dump, sc, mixed, n_bytes, m)
+        lo, hi = int(wins[0, 1]), int(wins[-1, 2])  # this chunk's targets, on every rank
+        if cache is not None:
+            cache.update(tokens, torch.arange(lo, hi + 1, device=d.device))
+        if ttt is not None and c < n_chunks - 1:
+            ttt.step(tokens, lo, hi, luts)
+        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(-chunk_sums[0].item(), chunk_sums[2].item()):.4f} "
+            f"mixed_bpb:{bits_per_byte(-chunk_sums[1].item(), chunk_sums[2].item()):.4f}", console=False)
+        now = time.perf_counter()
+        if now - last_log > 20 or c == n_chunks - 1:
+            last_log = now
+            rate = (c + 1) / (now - t0)
+            mem = f" ngram_entries:{cache.entries()} ngram_mem:{cache.memory_bytes() / 2**20:.1f}MiB" if cache else ""
+            log(f"{label}_progress chunk:{c + 1}/{n_chunks} elapsed:{now - t0:.1f}s eta:{(n_chunks - c - 1) / rate:.1f}s "
+                f"running_model_bpb:{bits_per_byte(sums[0].item(), sums[2].item()):.4f} "
+                f"running_mixed_bpb:{bits_per_byte(sums[1].item(), sums[2].item()):.4f}{mem}")
+        if clock_start is not None and any_rank(time.perf_counter() - clock_start > hp.eval_budget_seconds, d.device):
+            log(f"{label}_budget_exceeded: stopped after chunk {c + 1}/{n_chunks} at "
+                f"{time.perf_counter() - clock_start:.1f}s > EVAL_BUDGET_SECONDS={hp.eval_budget_seconds}; "
+                f"the partial score is NOT a result and is not reported")
+            raise EvalBudgetExceeded(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} "
+                                     f"after chunk {c + 1}/{n_chunks}")
+    if int(sums[3].item()) != N - 1:
+        raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
+    all_reduce(audit, "max")
+    if dump is not None:
+        save_dump(dump, hp.eval_dump_path, d)
+    model_nll, mixed_nll, n_bytes, n = sums.tolist()
+    return EvalResult(model_nll / n, bits_per_byte(model_nll, n_bytes), mixed_nll / n, bits_per_byte(mixed_nll, n_bytes),
+                      int(n), int(n_bytes), time.perf_counter() - t0, audit.tolist())
+
+
+def record_dump(dump: dict, sc: Scored, mixed: torch.Tensor, n_bytes: torch.Tensor, m: dict | None) -> None:
+    i = sc.pos - 1
+    dump["model_nll"][i] = -sc.logp
+    dump["mixed_nll"][i] = -mixed
+    dump["bytes"][i] = n_bytes
+    dump["times_scored"].index_add_(0, i, torch.ones_like(n_bytes))
+    if m is not None:
+        dump["order"][i] = m["order"].double()
+        dump["alpha"][i] = m["alpha"]
+
+
+def save_dump(dump: dict, path: str, d: Dist) -> None:
+    """Per-target arrays (index t-1 = target t), summed over ranks (targets are disjoint), saved by rank 0."""
+    arrays = {k: all_reduce(v).cpu().numpy() for k, v in dump.items()}
+    if d.is_main:
+        np.savez_compressed(path, **arrays)
+
+
+# =====================================================================================================
+# main
+# =====================================================================================================
+# Orchestration only. Time accounting: the training budget (MAX_WALLCLOCK_SECONDS) covers the training
+# steps, GPTQ calibration and export; the evaluation budget (EVAL_BUDGET_SECONDS) runs from loading the
+# artifact to the final integrated number. Validation passes and the diagnostic round-trip eval are
+# outside both and logged separately.
+
+SUBMISSION_NAME = "Valid complementary n-gram + int5 GPTQ + LoRA TTT"
+SUBMISSION_AUTHOR = "parameter-golf entry team"
+
+
+def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
+    log(f"run_id:{run_id}")
+    log("config: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
+    for line in describe_environment(d):
+        log(line)
+    code = Path(__file__).read_text(encoding="utf-8")
+    log("=" * 40 + " source: train_gpt.py " + "=" * 40 + "\n" + code + "\n" + "=" * 100, console=False)
+
+
+def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
+    """Checkpoint, GPTQ calibration, quantization, serialization; the budget and size checks. The artifact
+    becomes final_model.int5.xz only if both pass; the full-precision checkpoint stays either way."""
+    t0 = time.perf_counter()
+    if d.is_main:
+        torch.save(model.state_dict(), out / "final_model.pt")
+    hessians = collect_hessians(model, hp, d)
+    sync(d)
+    t1 = time.perf_counter()
+    entries = quantize_model(model, hessians, hp, d, log)
+    config = {k: getattr(hp, k) for k in MODEL_FIELDS}
+    tmp = out / "final_model.int5.xz.tmp"
+    artifact_bytes = write_artifact(entries, config, tmp, log) if d.is_main else 0
+    barrier()
+    calib_s, export_s = t1 - t0, time.perf_counter() - t1
+    code_bytes = len(Path(__file__).read_bytes())
+    total = artifact_bytes + code_bytes
+    used = train.train_seconds + calib_s + export_s
+    log(f"budget: train_time:{train.train_seconds:.1f}s calibration_time:{calib_s:.1f}s export_time:{export_s:.1f}s "
+        f"total:{used:.1f}s limit:{hp.max_wallclock_seconds:.0f}s")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Serialized model int5+lzma: {artifact_bytes} bytes")
+    log(f"Total submission size: {total} bytes (cap {hp.artifact_size_cap}, headroom {hp.artifact_size_cap - total})")
+    verdict = torch.tensor([float(total), used], dtype=torch.float64, device=d.device)
+    total, used = broadcast(verdict, 0).tolist()
+    problem = None
+    if total > hp.artifact_size_cap:
+        problem = f"artifact + code = {int(total)} bytes is over ARTIFACT_SIZE_CAP={hp.artifact_size_cap}"
+    elif hp.max_wallclock_seconds > 0 and used > hp.max_wallclock_seconds:
+        problem = (f"training + calibration + export took {used:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                   f"{hp.max_wallclock_seconds:.0f} (raise EXPORT_RESERVE_SECONDS)")
+    if problem is not None:
+        if d.is_main:
+            tmp.unlink(missing_ok=True)
+        log(f"export_failed: {problem}; no artifact or submission written; full-precision checkpoint kept at "
+            f"{out / 'final_model.pt'}")
+        raise GolfError(problem)
+    if d.is_main:
+        os.replace(tmp, out / "final_model.int5.xz")
+    barrier()
+    return dict(calibration_seconds=calib_s, export_seconds=export_s, artifact_bytes=int(artifact_bytes),
+                code_bytes=code_bytes, total_bytes=int(total))
+
+
+def log_final(label: str, loss: float, bpb: float, log: RunLog, extra: str = "") -> None:
+    log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra}")
+    log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+
+
+def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, val_tokens, luts) -> EvalResult:
+    """The reported evaluation: timed from loading the artifact to the final number."""
+    clock = time.perf_counter()
+    model = model_from_artifact(artifact, hp, d)
+    r = evaluate(model, val_tokens, luts, hp, d, log, hp.ttt_temperature, use_ngram=True, use_ttt=hp.ttt_enabled,
+                 clock_start=clock, label="integrated")
+    eval_s = time.perf_counter() - clock
+    log(f"ngram_audit: max_abs_sum_minus_1:{r.audit[0]:.3e} min_p:{-r.audit[1]:.3e} "
+        f"max_target_logp_err:{r.audit[2]:.3e} count_mismatches:{int(r.audit[3])}")
+    log(f"integrated_parts: model_only_bpb:{r.model_bpb:.4f} ngram_gain_bpb:{r.model_bpb - r.mixed_bpb:.4f} "
+        f"ttt:{'on' if hp.ttt_enabled else 'off'} temperature:{hp.ttt_temperature} targets:{r.n_targets} bytes:{r.n_bytes}")
+    log_final("final_integrated", r.mixed_loss, r.mixed_bpb, log, f" eval_time:{eval_s * 1000:.0f}ms")
+    r.seconds = eval_s
+    return r
+
+
+def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, train: TrainResult, exp: dict,
+                     prequant_bpb: float, roundtrip: EvalResult, final: EvalResult) -> None:
+    hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
+        f"{d.world_size}x CPU process ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    record = dict(
+        name=SUBMISSION_NAME, author=SUBMISSION_AUTHOR, github_id="", date=datetime.date.today().isoformat(),
+        val_bpb=round(final.mixed_bpb, 8), val_loss=round(final.mixed_loss, 8),
+        bytes_total=exp["total_bytes"], bytes_code=exp["code_bytes"],
+        blurb=(f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, int5 GPTQ + LZMA; single-pass eval mixing an "
+               f"exact normalized n-gram cache (orders {hp.ngram_eval_min_order}-{hp.ngram_eval_order}) with "
+               f"{'Polyak LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}."),
+        seed=hp.seed, run_id=run_id, log=f"logs/{run_id}.txt", data=hp.data_label, hardware=hardware,
+        world_size=d.world_size, steps=train.steps, train_seconds=round(train.train_seconds, 2),
+        calibration_seconds=round(exp["calibration_seconds"], 2), export_seconds=round(exp["export_seconds"], 2),
+        eval_seconds=round(final.seconds, 2),
+        components=dict(prequant_val_bpb=round(prequant_bpb, 8), int5_roundtrip_val_bpb=round(roundtrip.model_bpb, 8),
+                        model_only_bpb=round(final.model_bpb, 8), integrated_bpb=round(final.mixed_bpb, 8),
+                        ngram_gain_bpb=round(final.model_bpb - final.mixed_bpb, 8), ttt_enabled=hp.ttt_enabled,
+                        artifact_bytes=exp["artifact_bytes"]))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    hp = Hyperparameters.from_env(os.environ)
+    d = init_distributed()
+    run_id = hp.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_seed{hp.seed}"
+    out = Path(hp.output_dir)
+    log = RunLog(out / "logs" / f"{run_id}.txt" if d.is_main else None)
+    log_header(hp, d, log, run_id)
+    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    luts = build_byte_luts(sp, hp.vocab_size).to(d.device)
+    val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size)
+    log(f"data: val_tokens:{val_tokens.numel()} train_shards:{len(shard_files(hp.data_path, 'train'))} label:{hp.data_label}")
+    if hp.eval_only:
+        integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
+        return
+    torch.manual_seed(hp.seed)
+    model = GPT(hp).to(d.device)
+    muon, adam, replicated = build_optimizers(model, hp, d)
+    step_fn = torch.compile(model, dynamic=False, fullgraph=_fa3_func is None) if d.is_cuda else model
+    log(f"model: params:{sum(p.numel() for p in model.parameters())} layers:{hp.num_layers} dim:{hp.model_dim} "
+        f"encoder_layers:{hp.num_encoder_layers} xsa_layers:{hp.xsa_last_n} ve_layers:{hp.ve_last_n} "
+        f"attention:{'fa3' if _fa3_func is not None and d.is_cuda else 'sdpa'} compiled:{d.is_cuda}")
+    log(f"optimizer: parallel_muon banks:{','.join(f'{n}{tuple(getattr(model, n).shape)}' for n in BANKS)} "
+        f"world_size:{d.world_size} grad_accum:{8 // d.world_size} adamw_params:{sum(p.numel() for p in replicated)} "
+        f"complement_alpha:{hp.complement_alpha} late_qat_frac:{hp.late_qat_frac}")
+    trainer = Trainer(hp, d, model, step_fn, muon, adam, replicated)
+    train = train_model(trainer, val_tokens, luts, log)
+    prequant_loss, prequant_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
+    log(f"final_weights val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} (EMA/SWA, before quantization)")
+    exp = export(model, hp, d, log, out, train)
+    artifact = out / "final_model.int5.xz"
+    roundtrip = evaluate(model_from_artifact(artifact, hp, d), val_tokens, luts, hp, d, log, 1.0,
+                         use_ngram=False, use_ttt=False, label="roundtrip")
+    log_final("final_int5_roundtrip", roundtrip.model_loss, roundtrip.model_bpb, log,
+              f" eval_time:{roundtrip.seconds * 1000:.0f}ms quant_gap_bpb:{roundtrip.model_bpb - prequant_bpb:.4f}")
+    final = integrated_eval(artifact, hp, d, log, val_tokens, luts)
+    if d.is_main:
+        write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, roundtrip, final)
+        log(f"submission: {out / 'submission.json'} val_bpb:{final.mixed_bpb:.8f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except GolfError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
