@@ -1,0 +1,66 @@
+"""torchrun worker for tests/test_optim.py: two ParallelMuon steps on gloo with rank-dependent gradients.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_muon_worker.py OUTDIR
+
+For NUM_LAYERS in (4, 3) (3: banks of 3 matrices, not divisible by the world size) every rank builds the
+same tiny model, perturbs the banks with a shared seed, sets gradients seeded by (rank, step) (all zero in
+step 0, so that step is pure weight decay), runs launch_reduce_scatter / wait_reduce_scatter / step, and
+saves its banks after each step together with its gradients, so the test can recompute the steps
+single-process from the average gradient.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import train_gpt as tg  # noqa: E402
+from conftest import TINY  # noqa: E402
+
+CLIPS = (1.0, 1.0, 0.7)  # clip coefficient of each step; step 0 has zero gradients (weight decay only)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    d = tg.Dist(rank, world, rank, torch.device("cpu"))
+    for num_layers in (4, 3):
+        hp = tg.Hyperparameters(**{**TINY, "num_layers": num_layers})
+        hp.validate()
+        torch.manual_seed(hp.seed)
+        model = tg.GPT(hp)
+        g = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            for name in tg.BANKS:
+                p = getattr(model, name)
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        muon, _, _ = tg.build_optimizers(model, hp, d)
+        record = {"init": {n: getattr(model, n).detach().clone() for n in tg.BANKS}, "grads": [], "after": [],
+                  "shard_grads": [], "owned_sq_norm": []}
+        for step, clip in enumerate(CLIPS):
+            gg = torch.Generator().manual_seed(1000 * (rank + 1) + step)
+            grads = {}
+            for name in tg.BANKS:
+                p = getattr(model, name)
+                p.grad = torch.randn(p.shape, generator=gg) if step > 0 else torch.zeros(p.shape)
+                grads[name] = p.grad.clone()
+            muon.launch_reduce_scatter()
+            shard_grads = muon.wait_reduce_scatter()
+            record["shard_grads"].append({n: g.clone() for n, g in zip(tg.BANKS, shard_grads)})
+            record["owned_sq_norm"].append(float(muon.owned_grad_sq_norm(shard_grads)))
+            muon.step(shard_grads, torch.tensor(clip))
+            model.zero_grad(set_to_none=True)
+            record["grads"].append(grads)
+            record["after"].append({n: getattr(model, n).detach().clone() for n in tg.BANKS})
+        torch.save(record, out / f"L{num_layers}_rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Helpers shared by tests/test_end_to_end.py and tests/test_eval_validity.py for reading run outputs."""
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+EXACT = re.compile(r"^(\w+)_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def log_lines(out: Path) -> list:
+    """The run's log (logs/test.txt) without the embedded copy of the source code."""
+    lines = (out / "logs" / "test.txt").read_text(encoding="utf-8").splitlines()
+    try:
+        a = next(i for i, l in enumerate(lines) if re.match(r"^=+ source: train_gpt\.py =+$", l))
+        b = next(i for i in range(a + 1, len(lines)) if re.fullmatch(r"=+", lines[i]) and len(lines[i]) >= 50)
+        lines = lines[:a] + lines[b + 1:]
+    except StopIteration:
+        pass
+    return lines
+
+
+def exact_numbers(out: Path) -> dict:
+    """{label: (val_loss, val_bpb)} from the `<label>_exact` lines."""
+    return {m[0]: (float(m[1]), float(m[2])) for m in EXACT.findall("\n".join(log_lines(out)))}
+
+
+def assert_ok(r, out: Path, nproc: int = 1) -> None:
+    """Exit 0. For several gloo processes one failure is tolerated here because it is a separate, known
+    bug with its own strict-xfail test (test_end_to_end.py::test_two_process_teardown_leaves_no_gloo_threads):
+    a process aborting at interpreter exit *after* the run completed (final_integrated_exact logged), with
+    no frame of train_gpt.py in any traceback. Every other failure fails the calling test."""
+    if r.returncode == 0:
+        return
+    complete = (out / "logs" / "test.txt").is_file() and "final_integrated" in exact_numbers(out)
+    script_frame = f'File "{ROOT / "train_gpt.py"}"' in r.stderr
+    if nproc > 1 and TEARDOWN_ABORT in r.stderr and complete and not script_frame:
+        return
+    raise AssertionError(f"exit {r.returncode}\n{r.stderr[-4000:]}")
