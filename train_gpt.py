@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  loaded before init_process_group: if it is first imported later (by
+# torch.optim) it keeps the gloo process group alive past destroy_process_group and can abort at exit
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -378,8 +380,8 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
 
 
-def load_data_shard(path: Path) -> torch.Tensor:
-    """Read one shard as an int32 tensor; reject a wrong magic, version or size, naming the file."""
+def check_shard(path: Path) -> int:
+    """Validate a shard's header and size (cheap: reads 1 KiB); returns its token count."""
     path = Path(path)
     size = path.stat().st_size
     if size < SHARD_HEADER_INTS * 4:
@@ -393,6 +395,12 @@ def load_data_shard(path: Path) -> torch.Tensor:
     if size != SHARD_HEADER_INTS * 4 + 2 * n:
         raise GolfError(f"shard {path}: header says {n} tokens ({SHARD_HEADER_INTS * 4 + 2 * n} bytes) "
                         f"but the file has {size} bytes (truncated or corrupt)")
+    return n
+
+
+def load_data_shard(path: Path) -> torch.Tensor:
+    """Read one shard as an int32 tensor; reject a wrong magic, version or size, naming the file."""
+    n = check_shard(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
 
@@ -2062,7 +2070,8 @@ def main() -> None:
     if hp.eval_only:  # reproduce a score from an artifact: no training data is touched
         integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
         return
-    log(f"data: train_shards:{len(shard_files(hp.data_path, 'train'))}")
+    train_files = shard_files(hp.data_path, "train")  # every header checked now, not hours into training
+    log(f"data: train_shards:{len(train_files)} train_tokens:{sum(check_shard(p) for p in train_files)}")
     torch.manual_seed(hp.seed)
     model = GPT(hp).to(d.device)
     muon, adam, replicated = build_optimizers(model, hp, d)

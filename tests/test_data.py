@@ -306,17 +306,19 @@ def global_step_batches(path, world_size, batch_tokens, seq_len, steps):
                for r in range(world_size)]
     seqs, raw = [], []
     for _ in range(steps * accum):
-        outs = [ld.next_batch(batch_tokens // accum, seq_len) for ld in loaders]
-        rows0 = outs[0][2]
-        for r, (x, y, rows) in enumerate(outs):
-            assert torch.equal(rows, rows0)  # every rank reads the same global micro-batch
+        micro = batch_tokens // accum
+        outs = [ld.next_batch(micro, seq_len) for ld in loaders]
+        tokens0 = outs[0][2]
+        assert tokens0.shape == (micro + 1,)  # the micro-batch plus the token after it
+        n = micro // world_size
+        for r, (x, y, tokens) in enumerate(outs):
+            assert torch.equal(tokens, tokens0)  # every rank reads the same global micro-batch
             assert x.dtype == torch.int64 and y.dtype == torch.int64
             assert x.shape == y.shape == (batch_tokens // 8 // seq_len, seq_len)
-            local = rows[r]
-            assert torch.equal(x.reshape(-1), local[:-1]) and torch.equal(y.reshape(-1), local[1:])
-            assert torch.equal(y.reshape(-1)[:-1], x.reshape(-1)[1:])  # y is x shifted by one
+            assert torch.equal(x.reshape(-1), tokens[r * n:(r + 1) * n])  # rank slices are contiguous
+            assert torch.equal(y.reshape(-1), tokens[r * n + 1:(r + 1) * n + 1])  # y is x shifted by one
             seqs += [(xi, yi) for xi, yi in zip(x, y)]
-        raw.append(rows0.reshape(-1))
+        raw.append(tokens0[:-1])
     return seqs, torch.cat(raw)
 
 
@@ -324,7 +326,7 @@ def global_step_batches(path, world_size, batch_tokens, seq_len, steps):
 def test_loader_rank_slices_partition_the_stream(train_dir, world_size):
     path, stream = train_dir
     seqs, raw = global_step_batches(path, world_size, batch_tokens=8 * 16 * 2, seq_len=16, steps=3)
-    # The ranks' spans of each global micro-batch are disjoint and contiguous: together they are the stream.
+    # The inputs of consecutive micro-batches tile the stream with no gap and no overlap.
     expected = np.concatenate([stream] * 3)[:raw.numel()]
     np.testing.assert_array_equal(raw.numpy(), expected)
 

@@ -136,15 +136,10 @@ def test_two_process_training_matches_one(main_run, corpus_env, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: after a 2-process gloo run, destroy_process_group() leaves the gloo threads alive (importing "
-    "torch._dynamo - here via torch.optim - after init_process_group adds references to the default "
-    "group), so the process sometimes aborts at interpreter exit with 'terminate called without an "
-    "active exception' (exit 1 under torchrun, ~1 in 3 runs). Fix: `import torch._dynamo` at the top "
-    "of train_gpt.py, before init_distributed()."))
 def test_two_process_teardown_leaves_no_gloo_threads(corpus_env, tmp_path):
-    """Deterministic check of the exit-time abort: after main() and destroy_process_group() no gloo
-    thread may remain in either rank (see tests/_gloo_teardown.py)."""
+    """Deterministic check of an exit-time abort seen once (gloo threads kept alive past
+    destroy_process_group when torch._dynamo is first imported after init_process_group): after main()
+    and destroy_process_group() no gloo thread may remain in either rank (see tests/_gloo_teardown.py)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(corpus_env, ITERATIONS="2", OUTPUT_DIR=str(tmp_path), RUN_ID="test", OMP_NUM_THREADS="1",
                TEARDOWN_OUT=str(tmp_path / "threads"))
@@ -197,7 +192,7 @@ def test_bad_unparsable_setting(corpus_env, tmp_path):
 @pytest.mark.parametrize("split", ["val", "train"])
 def test_bad_truncated_shard(split, corpus_env, tmp_path):
     data = copy_data(corpus_env, tmp_path / "data")
-    shard = sorted(data.glob(f"fineweb_{split}_*.bin"))[-1]
+    shard = sorted(data.glob(f"fineweb_{split}_*.bin"))[0]  # the first one: read at the start of the run
     blob = shard.read_bytes()
     shard.write_bytes(blob[:len(blob) - 101])
     msg = run_bad({**corpus_env, "DATA_PATH": str(data)}, tmp_path / "out")

@@ -7,7 +7,6 @@ made once by a tiny main-job run.
 """
 import collections
 import copy
-import json
 import math
 import re
 import shutil
@@ -69,11 +68,31 @@ def ref_counters(tokens: list, positions, orders=range(2, 10)):
     return pair, ctx
 
 
+# The only two places that know the cache's look-up API (context keys per order, then counts).
+def cache_lookup(cache, tokens: torch.Tensor, pos: torch.Tensor, order: int, tgt: torch.Tensor | None = None):
+    """(count(ctx), count(ctx, tgt), valid) for the order-`order` contexts tokens[p-order+1:p] of the
+    positions `pos`; tgt defaults to tokens[pos] and may be (M, V) for whole rows (then count(ctx) is
+    returned per row)."""
+    keys, valid = cache.context_keys(tokens, pos)
+    k = cache.orders.index(order)
+    ctx, valid = keys[k], valid[k]
+    tgt = tokens[pos] if tgt is None else tgt
+    if tgt.dim() == 2:
+        cc, pc = cache.counts(ctx[:, None].expand_as(tgt).contiguous(), tgt.contiguous())
+        return cc[:, 0], pc, valid
+    return (*cache.counts(ctx, tgt), valid)
+
+
+def cache_runs(cache) -> list:
+    """All sorted runs (keys, prefix sums), whether stored per order or in one table."""
+    runs = cache.runs.values() if isinstance(cache.runs, dict) else [cache.runs]
+    return [run for rs in runs for run in rs]
+
+
 def cache_counts_at(cache, tokens: torch.Tensor, pos: torch.Tensor, order: int):
-    """(count(ctx), count(ctx, tokens[pos])) from the cache for the contexts ending before `pos`."""
-    h, valid = cache.context_hashes(tokens, pos)[order]
+    """(count(ctx), count(ctx, tokens[pos])) as lists, for contexts that lie inside the text."""
+    cc, pc, valid = cache_lookup(cache, tokens, pos, order)
     assert bool(valid.all())
-    cc, pc = cache.counts(order, h, tokens[pos])
     return cc.tolist(), pc.tolist()
 
 
@@ -183,17 +202,17 @@ def test_c2_full_mixed_distribution_is_normalized(stream, luts, monkeypatch):
                 assert abs(float(lp[tgt]) - float(sc.logp[i])) < 1e-5
                 H = float(-(lp.exp() * lp).sum())
                 # order: highest n whose context count >= 2 (0 if none)
-                hashes = cache.context_hashes(toks, torch.tensor([p]))
+                at = torch.tensor([p])
                 want_order = 0
                 for n in range(9, 1, -1):
-                    hh, valid = hashes[n]
-                    if bool(valid[0]) and int(cache.counts(n, hh, toks[[p]])[0][0]) >= 2:
+                    cc, _, valid = cache_lookup(cache, toks, at, n)
+                    if bool(valid[0]) and int(cc[0]) >= 2:
                         want_order = n
                         break
                 n = int(order[i])
                 assert n == want_order
                 if n > 0:
-                    cc, pc = cache.counts(n, hashes[n][0], vocab[None, :])
+                    cc, pc, _ = cache_lookup(cache, toks, at, n, vocab[None, :])
                     assert int(pc.sum()) == int(cc[0]) >= 2
                     assert bool((pc >= 0).all())
                     p_ng = pc[0].double() / float(cc[0])
@@ -276,15 +295,15 @@ def test_c2_lsm_merging_keeps_counts_exact():
     max_runs = 0
     for k in range(50):
         cache.update(toks, torch.arange(1 + 100 * k, 1 + 100 * (k + 1)))
-        max_runs = max(max_runs, max(len(r) for r in cache.runs.values()))
+        per_table = cache.runs.values() if isinstance(cache.runs, dict) else [cache.runs]
+        max_runs = max(max_runs, max(len(r) for r in per_table))
         if k in (0, 7, 31):
             _check_cache_against_reference(cache, toks, 1 + 100 * (k + 1), gen, n_random=50)
     _check_cache_against_reference(cache, toks, toks.numel(), gen)
     assert max_runs <= 2 + math.ceil(math.log2(50)), max_runs
-    for runs in cache.runs.values():
-        for keys, cum in runs:
-            assert bool((keys[1:] > keys[:-1]).all())
-            assert cum.numel() == keys.numel() + 1 and bool((cum.diff() > 0).all())
+    for keys, cum in cache_runs(cache):
+        assert bool((keys[1:] > keys[:-1]).all())
+        assert cum.numel() == keys.numel() + 1 and bool((cum.diff() > 0).all())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,17 +480,19 @@ def eval_only_runs(artifact, corpus_env, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"eval_only_{nproc}")
         dump = out / "dump.npz"
         r = run_script({**corpus_env, "EVAL_ONLY": str(artifact), "EVAL_DUMP_PATH": str(dump)}, out, nproc=nproc)
-        assert_ok(r, out, nproc)  # (tolerates only the known exit-time gloo abort, tested separately)
+        assert_ok(r, out, nproc)
         runs[nproc] = (out, (out / "logs" / "test.txt").read_text(), load_dump(dump))
     return runs
 
 
 def test_eval_only_two_processes_match_one(eval_only_runs, val_tokens):
     """The windows of each chunk are split across 2 ranks and the TTT gradient is the all-reduced sum of
-    the two ranks' shares of one byte-weighted mean. Only float summation order differs: the LoRA
-    gradients agree to ~1e-7 relative, the Polyak average moves the scoring weights by 0.002x the step,
-    and the BPB is a float64 sum. So the totals agree far below 1e-6 BPB (the test's tolerance), while any
-    real difference (a target dropped or doubled, a rank scoring with other weights) is >= 1e-4."""
+    the two ranks' shares of one byte-weighted mean. Only float summation order differs (float32 LoRA
+    gradients summed in another order, other GEMM batch shapes when scoring); the Polyak average moves
+    the scoring weights by only 0.002x each step, and the BPB sums are float64. Measured: per-target NLLs
+    differ by ~5e-9 and the 8-decimal BPB is identical. Tolerances: 1e-6 on the BPB and 1e-6 nats per
+    target, while any real difference (a target dropped or doubled, a rank scoring with other weights,
+    non-averaged TTT gradients) moves them by >= 1e-4."""
     (_, log1, d1), (_, log2, d2) = eval_only_runs[1], eval_only_runs[2]
     assert re.search(r"^hardware: .*world_size:2 ", log2, re.M) and re.search(r"^hardware: .*world_size:1 ", log1, re.M)
     b1, b2 = exact_bpb(log1), exact_bpb(log2)
@@ -481,8 +502,8 @@ def test_eval_only_two_processes_match_one(eval_only_runs, val_tokens):
         assert d["times_scored"].shape == (N - 1,) and (d["times_scored"] == 1).all()
     assert np.array_equal(d1["order"], d2["order"])  # n-gram orders depend on the tokens only
     assert np.array_equal(d1["bytes"], d2["bytes"])
-    np.testing.assert_allclose(d1["model_nll"], d2["model_nll"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(d1["mixed_nll"], d2["mixed_nll"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(d1["model_nll"], d2["model_nll"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(d1["mixed_nll"], d2["mixed_nll"], rtol=0, atol=1e-6)
     for log in (log1, log2):
         assert re.search(r"^ngram_audit: .* count_mismatches:0$", log, re.M)
     assert not (eval_only_runs[1][0] / "submission.json").exists()  # EVAL_ONLY reports, it does not submit

@@ -248,65 +248,74 @@ class DictCounter:
 
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_bigram_counter_matches_dictionary(alpha):
-    V, world, span = 40, 2, 33
+    """Weights of every micro-batch of a step use the counts of earlier steps only; the step's global
+    micro-batches (1-D token runs) are counted once the step is done."""
+    V, micro, accum = 40, 32, 3
     counter, ref = tg.BigramCounter(V, alpha, torch.device("cpu")), DictCounter(alpha)
     g = torch.Generator().manual_seed(0)
     low = 1.0
     for step in range(6):
-        rows = torch.randint(0, 12, (world, span), generator=g)  # few symbols: many repeats
+        chunks = [torch.randint(0, 12, (micro + 1,), generator=g) for _ in range(accum)]  # few symbols: repeats
         if step in (2, 3):  # a periodic stretch: 20 -> 21 -> 20 ... makes those bigrams near-certain
-            rows[:, ::2], rows[:, 1::2] = 20, 21
-        for r in range(world):
-            x, y = rows[r, :-1].view(-1, 8), rows[r, 1:].view(-1, 8)
+            for c in chunks:
+                c[::2], c[1::2] = 20, 21
+        for c in chunks:
+            x, y = c[:-1].view(-1, 8), c[1:].view(-1, 8)
             w = counter.weights(x, y)
-            expected = ref.weights(x, y)
             assert w.shape == x.shape
-            assert torch.allclose(w, expected, atol=1e-6), step
+            assert torch.allclose(w, ref.weights(x, y), atol=1e-6), step
             low = min(low, float(w.min()))
             if step == 0:
                 assert bool((w == 1).all())  # nothing counted yet
-        counter.update(rows)
-        for r in range(world):
-            ref.add(rows[r, :-1], rows[r, 1:])
+        counter.update(chunks)
+        for c in chunks:
+            ref.add(c[:-1], c[1:])
     assert low >= 0.1 - 1e-7
     if alpha == 2.0:
         assert low == pytest.approx(0.1)  # the floor max(0.1, .) is reached
     else:
-        assert low < 0.6  # 1 - 0.5 * 32 / 33 on the periodic stretch
+        assert low < 0.6  # 1 - 0.5 * c / (n + 1) on the periodic stretch
     for (a, b), c in ref.pair.items():
         assert int(counter.pair[a * V + b]) == c
     assert int(counter.pair.sum()) == sum(ref.pair.values())
     assert counter.prev.tolist() == [ref.prev.get(a, 0) for a in range(V)]
 
 
-def test_bigram_counts_identical_on_two_ranks(corpus):
-    """Two ranks' loaders over the same shards see the same global micro-batch (rows); counters fed from
-    the rows agree on both ranks and equal a dictionary count of the pairs the ranks train on."""
+@pytest.mark.parametrize("world", [2, 4])
+def test_bigram_counts_identical_on_all_ranks_and_world_sizes(corpus, world):
+    """Every rank's loader yields the same global micro-batch; counters fed from it agree on all ranks,
+    equal a dictionary count of the pairs the ranks train on, and equal the single-process counts."""
     hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
-    world = 2
-    micro = hp.train_batch_tokens // (8 // world)
-    loaders = [tg.DistributedTokenLoader(hp.data_path, tg.Dist(rank=r, world_size=world), hp.vocab_size)
-               for r in range(world)]
-    counters = [tg.BigramCounter(hp.vocab_size, hp.complement_alpha, torch.device("cpu")) for _ in range(world)]
-    ref = DictCounter(hp.complement_alpha)
-    for step in range(10):
-        batches = [ld.next_batch(micro, hp.train_seq_len) for ld in loaders]
-        rows = batches[0][2]
-        assert rows.shape == (world, micro // world + 1)
-        assert torch.equal(rows, batches[1][2])
-        for r, (x, y, _) in enumerate(batches):
-            assert x.shape == (micro // world // hp.train_seq_len, hp.train_seq_len)
-            assert torch.equal(x.reshape(-1), rows[r, :-1]) and torch.equal(y.reshape(-1), rows[r, 1:])
-            w = counters[r].weights(x, y)
-            assert torch.allclose(w, ref.weights(x, y), atol=1e-6)
-        for r in range(world):
-            counters[r].update(batches[r][2])
-        for x, y, _ in batches:
-            ref.add(x, y)
-    assert torch.equal(counters[0].pair, counters[1].pair) and torch.equal(counters[0].prev, counters[1].prev)
-    nz = torch.nonzero(counters[0].pair).flatten()
-    assert {(int(k) // hp.vocab_size, int(k) % hp.vocab_size): int(counters[0].pair[k]) for k in nz} == ref.pair
-    assert int(counters[0].prev.sum()) == 10 * micro
+
+    def counts_after(world, steps=5):
+        accum = 8 // world
+        micro = hp.train_batch_tokens // accum
+        loaders = [tg.DistributedTokenLoader(hp.data_path, tg.Dist(rank=r, world_size=world), hp.vocab_size)
+                   for r in range(world)]
+        counters = [tg.BigramCounter(hp.vocab_size, hp.complement_alpha, torch.device("cpu")) for _ in range(world)]
+        ref = DictCounter(hp.complement_alpha)
+        for _ in range(steps):
+            seen, trained = [[] for _ in range(world)], []
+            for _ in range(accum):
+                batches = [ld.next_batch(micro, hp.train_seq_len) for ld in loaders]
+                for r, (x, y, tokens) in enumerate(batches):
+                    assert torch.equal(tokens, batches[0][2])
+                    assert torch.allclose(counters[r].weights(x, y), ref.weights(x, y), atol=1e-6)
+                    seen[r].append(tokens)
+                    trained.append((x, y))
+            for r in range(world):
+                counters[r].update(seen[r])
+            for x, y in trained:  # the reference also counts once the step is done
+                ref.add(x, y)
+        for c in counters[1:]:
+            assert torch.equal(c.pair, counters[0].pair) and torch.equal(c.prev, counters[0].prev)
+        nz = torch.nonzero(counters[0].pair).flatten()
+        assert {(int(k) // hp.vocab_size, int(k) % hp.vocab_size): int(counters[0].pair[k]) for k in nz} == ref.pair
+        assert int(counters[0].prev.sum()) == steps * hp.train_batch_tokens
+        return counters[0]
+
+    multi, single = counts_after(world), counts_after(1)
+    assert torch.equal(multi.pair, single.pair) and torch.equal(multi.prev, single.prev)
 
 
 def test_alpha_zero_is_plain_cross_entropy():

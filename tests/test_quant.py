@@ -353,9 +353,6 @@ def test_read_artifact_file_roundtrip_and_corruption(packing, tmp_path, monkeypa
         tg.read_artifact(missing)
 
 
-@pytest.mark.xfail(reason="BUG: deserialize_artifact does not check that a tensor's bytes are all present; a "
-                          "truncated container inside a valid xz stream raises RuntimeError (tensor view/broadcast), "
-                          "which read_artifact does not turn into GolfError", strict=True, raises=RuntimeError)
 @pytest.mark.parametrize("packing", ["bits5", "bytes"])
 def test_read_artifact_truncated_container(packing, tmp_path):
     """A well-formed xz stream whose container is cut short (a writer bug, a hand-edited file) is as

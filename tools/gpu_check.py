@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed training steps per variant")
     ap.add_argument("--eval-tokens", type=int, default=None)
     ap.add_argument("--world", type=int, default=8, help="GPUs of the real run, for projections")
+    ap.add_argument("--log", type=Path, default=None, help="report file (default logs/gpu_check_<gpu>.txt)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     d = tg.Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
@@ -208,7 +209,7 @@ def main() -> None:
     hp = tg.Hyperparameters(**base) if cuda else tg.Hyperparameters(**base, **CPU_CONFIG)
     hp.validate()
     name = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
-    rep = Report(ROOT / "logs" / f"gpu_check_{name}.txt")
+    rep = Report(args.log or ROOT / "logs" / f"gpu_check_{name}.txt")
     for line in tg.describe_environment(d):
         rep(line)
     if not cuda:

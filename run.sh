@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The main job, on whatever this machine is:
+#   ./run.sh                 CUDA GPUs + FineWeb shards in DATA_PATH: the submitted run under torchrun;
+#                            otherwise: build the embedded corpus and run the small configuration
+#   ./run.sh test            the test suite (what CI runs)
+#   ./run.sh gpu-check       one-command check of the CUDA path (CPU path at reduced size without CUDA)
+#   ./run.sh seeds 1337 42 2024 [--ref-mean M --ref-std S --ref-n N]   one run per seed + statistics
+# Settings are environment variables named as in train_gpt.py (SEED=42 ./run.sh, ...).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+mode="${1:-main}"
+
+# Use the current Python if it already has the dependencies (e.g. a GPU host with its own CUDA torch);
+# otherwise install requirements.txt into .venv (the pinned torch is the CPU build on this project's machines).
+python_bin=python3
+if ! python3 -c "import torch, numpy, sentencepiece" 2>/dev/null || [ "$mode" = test ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q -r requirements.txt
+    python_bin=.venv/bin/python
+fi
+
+gpus=$("$python_bin" -c "import torch; print(torch.cuda.device_count())")
+nproc=1
+for n in 8 4 2 1; do  # grad accumulation is 8 / WORLD_SIZE: use the largest divisor of 8 we have
+    if [ "$gpus" -ge "$n" ]; then nproc=$n; break; fi
+done
+
+embedded_settings() {
+    # The small-but-complete configuration for a CPU (every component on; about 8 minutes on 2 cores).
+    export DATA_PATH=data/embedded/datasets/fineweb10B_sp1024
+    export TOKENIZER_PATH=data/embedded/tokenizers/fineweb_1024_bpe.model
+    export DATA_LABEL="${DATA_LABEL:-embedded_cpython_corpus}"
+    export NUM_LAYERS="${NUM_LAYERS:-6}" MODEL_DIM="${MODEL_DIM:-128}" NUM_HEADS="${NUM_HEADS:-4}"
+    export NUM_KV_HEADS="${NUM_KV_HEADS:-2}" ROPE_DIMS="${ROPE_DIMS:-8}" XSA_LAST_N="${XSA_LAST_N:-2}"
+    export BIGRAM_VOCAB_SIZE="${BIGRAM_VOCAB_SIZE:-2048}" BIGRAM_DIM="${BIGRAM_DIM:-64}" VE_DIM="${VE_DIM:-64}"
+    export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}" TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-16384}"
+    export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-420}" EXPORT_RESERVE_SECONDS="${EXPORT_RESERVE_SECONDS:-20}"
+    export WARMUP_STEPS="${WARMUP_STEPS:-2}" EMA_DECAY="${EMA_DECAY:-0.99}" SWA_EVERY="${SWA_EVERY:-10}"
+    export MUON_MOMENTUM_WARMUP_STEPS="${MUON_MOMENTUM_WARMUP_STEPS:-100}"
+    export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-100}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-25}"
+    export GPTQ_N_SAMPLES="${GPTQ_N_SAMPLES:-64}" GPTQ_BLOCK_SIZE="${GPTQ_BLOCK_SIZE:-64}"
+    export EVAL_SEQ_LEN="${EVAL_SEQ_LEN:-256}" EVAL_STRIDE="${EVAL_STRIDE:-64}" EVAL_BATCH_SEQS="${EVAL_BATCH_SEQS:-16}"
+    export TTT_CHUNK_TOKENS="${TTT_CHUNK_TOKENS:-4096}"
+}
+
+select_job() {
+    # Sets `launch`: the submitted run under torchrun when there are CUDA GPUs and FineWeb shards,
+    # otherwise the embedded corpus (built here) with the small configuration.
+    local data="${DATA_PATH:-./data/datasets/fineweb10B_sp1024}"
+    if [ "$gpus" -gt 0 ] && ls "$data"/fineweb_train_*.bin >/dev/null 2>&1; then
+        echo "run.sh: $gpus CUDA GPU(s) and FineWeb shards in $data: the submitted run on $nproc GPU(s)"
+        launch="$python_bin -m torch.distributed.run --standalone --nproc_per_node=$nproc train_gpt.py"
+    else
+        echo "run.sh: no CUDA GPU or no shards in $data: embedded corpus, small configuration"
+        "$python_bin" tools/embedded_corpus.py --out data/embedded
+        embedded_settings
+        launch="$python_bin train_gpt.py"
+    fi
+}
+
+case "$mode" in
+    main)
+        select_job
+        export RUN_ID="${RUN_ID:-run_$(date +%Y%m%d_%H%M%S)}"
+        $launch
+        if [ "$launch" = "$python_bin train_gpt.py" ] && [ -z "${EVAL_ONLY:-}" ]; then
+            # The TTT ablation for the report: the same artifact scored with TTT_ENABLED=0 (cheap on the
+            # embedded corpus; on a real run do it by hand with EVAL_ONLY, it costs another evaluation).
+            EVAL_ONLY="${OUTPUT_DIR:-.}/final_model.int5.xz" TTT_ENABLED=0 RUN_ID="${RUN_ID}_no_ttt" $launch
+        fi
+        if "$python_bin" -c "import matplotlib" 2>/dev/null; then
+            "$python_bin" tools/report.py "${OUTPUT_DIR:-.}/logs/${RUN_ID}.txt"
+        fi ;;
+    test) exec "$python_bin" -m pytest -q -p no:cacheprovider tests ;;
+    gpu-check) exec "$python_bin" tools/gpu_check.py "${@:2}" ;;
+    seeds) select_job; exec "$python_bin" tools/seeds.py --launch "$launch" "${@:2}" ;;
+    *) echo "usage: ./run.sh [main|test|gpu-check|seeds SEED... [--ref-mean M --ref-std S --ref-n N]]" >&2; exit 2 ;;
+esac
