@@ -202,7 +202,7 @@ class Hyperparameters:
             value = getattr(self, f.name)
             if f.type in (int, float) and f.name != "seed":
                 need(value >= 0 and math.isfinite(value), f.name.upper(), "must be a finite number >= 0")
-        need(self.vocab_size >= 2, "VOCAB_SIZE", "need at least 2 tokens")
+        need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "must be in 2..65536 (uint16 shards)")
         need(self.num_layers >= 2, "NUM_LAYERS", "need at least 2 layers (encoder/decoder halves)")
         need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
         need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS",
@@ -246,6 +246,8 @@ class Hyperparameters:
         need(self.ttt_lora_rank >= 1, "TTT_LORA_RANK", "must be >= 1")
         need(2 <= self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER",
              "must be in 2..NGRAM_EVAL_ORDER")
+        need(self.ngram_eval_order < 2 ** NGramCache.ORDER_BITS, "NGRAM_EVAL_ORDER",
+             f"must be < {2 ** NGramCache.ORDER_BITS} (the order field of the cache keys)")
         need(self.ngram_eval_min_count >= 1, "NGRAM_EVAL_MIN_COUNT", "must be >= 1")
         need(self.ngram_eval_alpha_min <= self.ngram_eval_alpha_max, "NGRAM_EVAL_ALPHA_MIN",
              "must be <= NGRAM_EVAL_ALPHA_MAX")
@@ -1886,8 +1888,8 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
         if ttt is not None and c < n_chunks - 1:
             with timer("ttt"):
                 ttt.step(tokens, lo, hi, luts)
-        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(-chunk_sums[0].item(), chunk_sums[2].item()):.4f} "
-            f"mixed_bpb:{bits_per_byte(-chunk_sums[1].item(), chunk_sums[2].item()):.4f}", console=False)
+        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(chunk_sums[0].item(), chunk_sums[2].item()):.4f} "
+            f"mixed_bpb:{bits_per_byte(chunk_sums[1].item(), chunk_sums[2].item()):.4f}", console=False)
         now = time.perf_counter()
         if now - last_log > 20 or c == n_chunks - 1:
             last_log = now
@@ -2033,7 +2035,7 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
 
 
 def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, train: TrainResult, exp: dict,
-                     prequant_bpb: float, roundtrip: EvalResult, final: EvalResult) -> None:
+                     prequant_bpb: float, gap: float, roundtrip: EvalResult, final: EvalResult) -> None:
     hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
         f"{d.world_size}x CPU process ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     record = dict(
@@ -2047,7 +2049,8 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
         world_size=d.world_size, steps=train.steps, train_seconds=round(train.train_seconds, 2),
         calibration_seconds=round(exp["calibration_seconds"], 2), export_seconds=round(exp["export_seconds"], 2),
         eval_seconds=round(final.seconds, 2),
-        components=dict(prequant_val_bpb=round(prequant_bpb, 8), int5_roundtrip_val_bpb=round(roundtrip.model_bpb, 8),
+        components=dict(prequant_val_bpb_contiguous=round(prequant_bpb, 8), quant_gap_bpb_contiguous=round(gap, 8),
+                        int5_roundtrip_val_bpb=round(roundtrip.model_bpb, 8),
                         model_only_bpb=round(final.model_bpb, 8), integrated_bpb=round(final.mixed_bpb, 8),
                         ngram_gain_bpb=round(final.model_bpb - final.mixed_bpb, 8), ttt_enabled=hp.ttt_enabled,
                         artifact_bytes=exp["artifact_bytes"]))
@@ -2087,14 +2090,14 @@ def main() -> None:
     prequant_loss, prequant_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
     log(f"final_weights val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} (EMA/SWA, before quantization)")
     exp = export(model, hp, d, log, out, train)
-    artifact = out / "final_model.int5.xz"
-    roundtrip = evaluate(model_from_artifact(artifact, hp, d), val_tokens, luts, hp, d, log, 1.0,
-                         use_ngram=False, use_ttt=False, label="roundtrip")
+    rebuilt = model_from_artifact(out / "final_model.int5.xz", hp, d)
+    gap = eval_val_loss(rebuilt, val_tokens, luts, hp, d)[1] - prequant_bpb  # same quick eval as final_weights
+    roundtrip = evaluate(rebuilt, val_tokens, luts, hp, d, log, 1.0, use_ngram=False, use_ttt=False, label="roundtrip")
     log_final("final_int5_roundtrip", roundtrip.model_loss, roundtrip.model_bpb, log,
-              f" eval_time:{roundtrip.seconds * 1000:.0f}ms quant_gap_bpb:{roundtrip.model_bpb - prequant_bpb:.4f}")
-    final = integrated_eval(artifact, hp, d, log, val_tokens, luts)
+              f" eval_time:{roundtrip.seconds * 1000:.0f}ms quant_gap_bpb:{gap:.4f}")
+    final = integrated_eval(out / "final_model.int5.xz", hp, d, log, val_tokens, luts)
     if d.is_main:
-        write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, roundtrip, final)
+        write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, gap, roundtrip, final)
         log(f"submission: {out / 'submission.json'} val_bpb:{final.mixed_bpb:.8f}")
 
 
