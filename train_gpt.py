@@ -1841,9 +1841,9 @@ class EvalResult:
 
 def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
              temperature: float, use_ngram: bool, use_ttt: bool, clock_start: float | None = None,
-             label: str = "eval") -> EvalResult:
+             label: str = "eval", dump_path: str = "") -> EvalResult:
     """The single pass. With clock_start, stops loudly (EvalBudgetExceeded) once EVAL_BUDGET_SECONDS
-    have passed since then: a partial score is never reported."""
+    have passed since then: a partial score is never reported. With dump_path, saves per-target arrays."""
     t0 = time.perf_counter()
     model.eval()
     tokens = val_tokens.to(d.device, dtype=torch.int64)
@@ -1858,7 +1858,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
     sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # model nll, mixed nll, bytes, targets
     audit = torch.zeros(4, dtype=torch.float64, device=d.device)
     dump = {k: torch.zeros(N - 1, dtype=torch.float64, device=d.device)
-            for k in ("model_nll", "mixed_nll", "bytes", "order", "alpha", "times_scored")} if hp.eval_dump_path else None
+            for k in ("model_nll", "mixed_nll", "bytes", "order", "alpha", "times_scored")} if dump_path else None
     timer = PhaseTimer(d)
     last_log = time.perf_counter()
     bounds = torch.searchsorted(chunk_of, torch.arange(n_chunks + 1))
@@ -1877,7 +1877,8 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
                 mixed = m["logp"]
             with timer("audit"):
                 audit = torch.maximum(audit, ngram_audit(cache, tokens, sc, m))
-        chunk_sums = torch.stack([-sc.logp.sum(), -mixed.sum(), n_bytes.sum(), torch.tensor(float(sc.pos.numel()), device=d.device, dtype=torch.float64)])
+        count = torch.tensor(float(sc.pos.numel()), device=d.device, dtype=torch.float64)
+        chunk_sums = torch.stack([-sc.logp.sum(), -mixed.sum(), n_bytes.sum(), count])
         sums += all_reduce(chunk_sums)
         if dump is not None:
             record_dump(dump, sc, mixed, n_bytes, m)
@@ -1908,7 +1909,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
     if dump is not None:
-        save_dump(dump, hp.eval_dump_path, d)
+        save_dump(dump, dump_path, d)
     model_nll, mixed_nll, n_bytes, n = sums.tolist()
     log(f"{label}_phases: " + " ".join(f"{k}:{v:.2f}s" for k, v in timer.seconds.items()))
     return EvalResult(model_nll / n, bits_per_byte(model_nll, n_bytes), mixed_nll / n, bits_per_byte(mixed_nll, n_bytes),
@@ -2023,7 +2024,7 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     clock = time.perf_counter()
     model = model_from_artifact(artifact, hp, d)
     r = evaluate(model, val_tokens, luts, hp, d, log, hp.ttt_temperature, use_ngram=True, use_ttt=hp.ttt_enabled,
-                 clock_start=clock, label="integrated")
+                 clock_start=clock, label="integrated", dump_path=hp.eval_dump_path)
     eval_s = time.perf_counter() - clock
     log(f"ngram_audit: max_abs_sum_minus_1:{r.audit[0]:.3e} min_p:{-r.audit[1]:.3e} "
         f"max_target_logp_err:{r.audit[2]:.3e} count_mismatches:{int(r.audit[3])}")

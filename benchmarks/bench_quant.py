@@ -96,11 +96,13 @@ def main() -> None:
     values = np.concatenate([(q.reshape(-1).to(torch.int16) + tg.INT5_QMAX).numpy() for q in ints]).astype(np.uint8)
     bound = order0_bytes(values)
     only_int5 = {k: e for k, e in entries["gptq"].items() if e["kind"] == "int5"}
+    raw = {"bytes": values.tobytes(), "bits5": b"".join(tg.pack_int5(q) for q in ints)}
     for packing in ("bytes", "bits5"):
-        blob = tg.serialize_artifact(only_int5, {}, packing)
-        size = len(tg.compress(blob, tg.LZMA_MAX_PARTS))
-        print(f"int5 matrices, packing {packing:5s}: {size} bytes compressed vs order-0 entropy bound {bound:.0f} "
-              f"({size / bound:.3f}x; {values.size} values, {8 * bound / values.size:.3f} bits/value)")
+        with_scales = len(tg.compress(tg.serialize_artifact(only_int5, {}, packing), tg.LZMA_MAX_PARTS))
+        size = len(tg.compress(raw[packing], tg.LZMA_MAX_PARTS))
+        print(f"int5 values, packing {packing:5s}: {size} bytes compressed vs order-0 entropy bound {bound:.0f} "
+              f"({size / bound:.3f}x; {values.size} values, {8 * bound / values.size:.3f} bits/value); "
+              f"with header and fp16 row scales {with_scales} bytes")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def make_model(hp, seed: int = 0, noise: float = 0.2) -> "tg.GPT":
 
 def run_eval(hp, tokens, luts, *, ngram=True, ttt=True, temperature=TEMP, seed=0):
     return tg.evaluate(make_model(hp, seed), tokens, luts, hp, tg.Dist(), tg.RunLog(None), temperature,
-                       use_ngram=ngram, use_ttt=ttt)
+                       use_ngram=ngram, use_ttt=ttt, dump_path=hp.eval_dump_path)
 
 
 def load_dump(path) -> dict:
@@ -436,7 +436,7 @@ def test_sliding_window_nll_matches_naive_loop(temperature, stream, luts, tmp_pa
     hp = tiny_hp(eval_dump_path=str(path))
     model = make_model(hp)
     tg.evaluate(copy.deepcopy(model), stream, luts, hp, tg.Dist(), tg.RunLog(None), temperature,
-                use_ngram=False, use_ttt=False)
+                use_ngram=False, use_ttt=False, dump_path=hp.eval_dump_path)
     dump = load_dump(path)
     windows = tg.make_windows(stream.numel(), hp.eval_seq_len, hp.eval_stride)
     toks = stream.long()
