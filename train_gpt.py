@@ -217,8 +217,6 @@ class Hyperparameters:
         need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", "must be >= 2")
         need(self.train_batch_tokens > 0 and self.train_batch_tokens % (8 * self.train_seq_len) == 0,
              "TRAIN_BATCH_TOKENS", "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
-        need(self.max_wallclock_seconds > 0 or self.iterations > 0, "ITERATIONS",
-             "a step-based run (MAX_WALLCLOCK_SECONDS=0) needs ITERATIONS > 0")
         need(self.max_wallclock_seconds == 0 or self.train_budget_seconds > 0, "EXPORT_RESERVE_SECONDS",
              "must be smaller than MAX_WALLCLOCK_SECONDS")
         need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
@@ -236,9 +234,11 @@ class Hyperparameters:
             levels = ()
         need(len(levels) >= 1 and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
              "must be a comma list of numbers in (0, 1]")
+        need(self.iterations >= 1, "ITERATIONS", "must be >= 1 (a step cap, or the step count)")
+        need(self.eval_seq_len >= 1, "EVAL_SEQ_LEN", "must be >= 1")
         need(self.eval_stride >= 1 and self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE",
              "must divide EVAL_SEQ_LEN")
-        need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
+        need(self.ttt_chunk_tokens >= 1 and self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
              "must be a multiple of EVAL_SEQ_LEN (windows and TTT sequences never straddle chunks)")
         need(self.eval_batch_seqs >= 1, "EVAL_BATCH_SEQS", "must be >= 1")
         need(self.ttt_temperature > 0, "TTT_TEMPERATURE", "must be > 0")
@@ -252,6 +252,8 @@ class Hyperparameters:
         need(self.ngram_eval_alpha_min <= self.ngram_eval_alpha_max, "NGRAM_EVAL_ALPHA_MIN",
              "must be <= NGRAM_EVAL_ALPHA_MAX")
         need(self.ngram_eval_alpha_clip <= 1, "NGRAM_EVAL_ALPHA_CLIP", "must be in [0, 1]")
+        need(not self.eval_dump_path or Path(self.eval_dump_path).resolve().parent.is_dir(), "EVAL_DUMP_PATH",
+             "its folder must exist")
         orders = set(range(self.ngram_eval_min_order, self.ngram_eval_order + 1))
         for var in ("ngram_eval_centers", "ngram_eval_mults"):
             try:
@@ -288,7 +290,6 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
 class Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -312,7 +313,7 @@ def init_distributed() -> Dist:
         device = torch.device("cpu")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, local_rank, device)
+    return Dist(rank, world_size, device)
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -336,6 +337,12 @@ def barrier() -> None:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any: keeps stop decisions identical across ranks."""
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
+
+
+def shared_seconds(local: float, d: "Dist") -> float:
+    """The slowest rank's elapsed time, so every time-driven decision (schedule, QAT, SWA, logging,
+    stopping) is identical on all ranks."""
+    return all_reduce(torch.tensor([local], dtype=torch.float64, device=d.device), "max").item()
 
 
 def sync(d: Dist) -> None:
@@ -427,23 +434,30 @@ def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
 def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
     top = int(tokens.max())
     if top >= vocab_size:
-        raise GolfError(f"{what} contain token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
+        raise GolfError(f"{what}: token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
 
 
 class TokenStream:
-    """Reads the train shards in order, forever; `take(n)` returns the next n tokens."""
+    """Reads the train shards in order, forever; `take(n)` returns the next n tokens. With vocab_size,
+    every shard's ids are checked against it when the shard is loaded."""
 
-    def __init__(self, data_path: str):
-        self.files = shard_files(data_path, "train")
+    def __init__(self, data_path: str, vocab_size: int | None = None):
+        self.files, self.vocab_size = shard_files(data_path, "train"), vocab_size
         self.file_idx, self.pos = 0, 0
-        self.tokens = load_data_shard(self.files[0])
+        self.tokens = self._load(0)
+
+    def _load(self, i: int) -> torch.Tensor:
+        tokens = load_data_shard(self.files[i])
+        if self.vocab_size is not None:
+            check_token_range(tokens, self.vocab_size, f"train shard {self.files[i]}")
+        return tokens
 
     def take(self, n: int) -> torch.Tensor:
         parts = []
         while n > 0:
             if self.pos >= self.tokens.numel():
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = self._load(self.file_idx), 0
             piece = self.tokens[self.pos:self.pos + n]
             parts.append(piece)
             self.pos += piece.numel()
@@ -458,13 +472,12 @@ class DistributedTokenLoader:
     every rank counts the same bigrams for the complementary loss."""
 
     def __init__(self, data_path: str, d: Dist, vocab_size: int):
-        self.stream, self.d, self.vocab_size = TokenStream(data_path), d, vocab_size
+        self.stream, self.d = TokenStream(data_path, vocab_size), d
         self.carry = self.stream.take(1)
 
     def next_batch(self, micro_tokens: int, seq_len: int):
         chunk = torch.cat([self.carry, self.stream.take(micro_tokens)])
         self.carry = chunk[-1:]
-        check_token_range(chunk, self.vocab_size, "train shards")
         tokens = chunk.to(self.d.device, dtype=torch.int64, non_blocking=True)
         n = micro_tokens // self.d.world_size
         local = tokens[self.d.rank * n:(self.d.rank + 1) * n + 1]
@@ -563,8 +576,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim:
     FlashAttention-3 when it is installed and we are on CUDA, else PyTorch SDPA (flash backend on GPU)."""
     if _fa3_func is not None and q.is_cuda:
-        out = _fa3_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+        out = _fa3_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     if q.size(2) != k.size(2):  # SDPA's enable_gqa falls back to the math kernel: expand KV heads instead
         k = k.repeat_interleave(q.size(2) // k.size(2), dim=2)
         v = v.repeat_interleave(q.size(2) // v.size(2), dim=2)
@@ -1003,8 +1016,9 @@ class BigramCounter:
         """Count the bigrams of a whole step's global micro-batches (1-D token tensors)."""
         for tokens in chunks:
             prev, tgt = tokens[:-1], tokens[1:]
-            self.pair += torch.bincount(prev * self.V + tgt, minlength=self.V * self.V)
-            self.prev += torch.bincount(prev, minlength=self.V)
+            ones = torch.ones_like(prev)  # index_add_, unlike bincount, needs no host sync on CUDA
+            self.pair.index_add_(0, prev * self.V + tgt, ones)
+            self.prev.index_add_(0, prev, ones)
 
 
 def lr_multiplier(progress: float, warmdown_frac: float) -> float:
@@ -1135,7 +1149,6 @@ def eval_val_loss(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hype
 class TrainResult:
     steps: int
     train_seconds: float
-    final_train_loss: float
 
 
 def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
@@ -1161,15 +1174,15 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     hp, d = trainer.hp, trainer.d
     wallclock = hp.max_wallclock_seconds > 0
     warmup_and_restore(trainer, log)
+    start = time.perf_counter()  # the clock starts here, before the loader reads its first shard
     loader = DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
     counter = BigramCounter(hp.vocab_size, hp.complement_alpha, d.device) if hp.complement_alpha > 0 else None
     averager = WeightAverager(trainer.model, hp)
-    step, loss, val_s = 0, torch.zeros(()), 0.0
-    start = last_log = time.perf_counter()
+    step, loss, val_s, last_log = 0, torch.zeros((), device=d.device), 0.0, 0.0
     train_s = 0.0  # wall time since the clock started, minus validation passes (which are not timed)
     while True:
         progress = train_s / hp.train_budget_seconds if wallclock else step / hp.iterations
-        if step >= hp.iterations or (wallclock and any_rank(train_s >= hp.train_budget_seconds, d.device)):
+        if step >= hp.iterations or (wallclock and train_s >= hp.train_budget_seconds):
             break
         lr_mult = lr_multiplier(progress, hp.warmdown_frac)
         qat = progress >= hp.late_qat_frac
@@ -1177,9 +1190,9 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
         step += 1
         averager.update(step, lr_mult)
         sync(d)
-        train_s = time.perf_counter() - start - val_s
-        if step % hp.train_log_every == 0 or time.perf_counter() - last_log > 20 or step == hp.iterations:
-            last_log = time.perf_counter()
+        train_s = shared_seconds(time.perf_counter() - start - val_s, d)
+        if step % hp.train_log_every == 0 or train_s - last_log > 20 or step == hp.iterations:
+            last_log = train_s
             log_train_step(hp, step, all_reduce(loss.detach().clone(), "avg").item(), train_s, lr_mult, qat, log)
         if hp.val_loss_every > 0 and step % hp.val_loss_every == 0:
             t0 = time.perf_counter()
@@ -1193,7 +1206,7 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
         log(f"stopping_early: wallclock_cap train_time:{train_s * 1000:.0f}ms step:{step}/{hp.iterations}")
     log(f"weight_averaging: {averager.apply_final()}")
     sync(d)
-    return TrainResult(step, time.perf_counter() - start - val_s, final_loss)
+    return TrainResult(step, time.perf_counter() - start - val_s)
 
 
 def check_finite(loss: float, step: int) -> None:
@@ -1228,7 +1241,8 @@ ARTIFACT_VERSION = 1
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
 SMALL_TENSOR_NUMEL = 65536
 LZMA_PRESET = 9 | lzma.PRESET_EXTREME
-LZMA_MAX_PARTS = 8  # parallel xz streams: ~8x faster export for a <0.5% larger artifact (measured in the log)
+LZMA_MAX_PARTS = 8  # parallel xz streams: ~8x faster export (41 s -> 3.6 s on the H100 host); on int5 data the
+# split measured no larger than one stream (benchmarks: 1,159,240 vs 1,155,000 bytes for 2M values)
 
 
 def quantize_rtn(W: torch.Tensor, bits: int = 5, clip: float = 1.0) -> tuple:
@@ -1441,8 +1455,15 @@ def read_artifact(path: Path) -> tuple:
 def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist) -> GPT:
     """Rebuild the network from the artifact alone: its header carries the architecture."""
     config, tensors = read_artifact(path)
-    model = GPT(dataclasses.replace(hp, **config)).to(d.device)
-    load_unbanked_state_dict(model, {k: v.to(d.device) for k, v in tensors.items()})
+    if set(config) != set(MODEL_FIELDS) or config["vocab_size"] != hp.vocab_size:
+        raise GolfError(f"artifact {path}: architecture {config} does not fit this script with VOCAB_SIZE={hp.vocab_size}")
+    arch = dataclasses.replace(hp, **config)
+    arch.validate()
+    model = GPT(arch).to(d.device)
+    try:
+        load_unbanked_state_dict(model, {k: v.to(d.device) for k, v in tensors.items()})
+    except (KeyError, RuntimeError) as e:
+        raise GolfError(f"artifact {path}: tensors do not match its architecture ({e})") from None
     return model
 
 
@@ -1467,10 +1488,9 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
 
     handles = [slot.register_forward_pre_hook(hook(name)) for name, slot in sources.items()]
     seq = hp.train_seq_len
-    stream = TokenStream(hp.data_path)
-    tokens = stream.take(hp.gptq_n_samples * seq + 1)
+    tokens = TokenStream(hp.data_path, hp.vocab_size).take(hp.gptq_n_samples * seq)
     lo, hi = hp.gptq_n_samples * d.rank // d.world_size, hp.gptq_n_samples * (d.rank + 1) // d.world_size
-    batch = max(1, hp.val_batch_tokens // (d.world_size * seq) // 8)
+    batch = hp.eval_batch_seqs  # sequences per no-grad forward, as in evaluation
     model.eval()
     try:
         for s in range(lo, hi, batch):
@@ -1494,52 +1514,28 @@ def slot_in_features(model: GPT, name: str) -> int:
 
 
 def quantize_model(model: GPT, hessians: dict, hp: Hyperparameters, d: Dist, log: RunLog) -> dict:
-    """Quantize every tensor of the unbanked state dict. GPTQ matrices are spread round-robin over the
-    ranks and broadcast from their owner, so every rank ends with all entries."""
+    """Quantize every tensor of the unbanked state dict. Embeddings and small tensors are quantized on
+    every rank (cheap, deterministic); the GPTQ matrices are spread round-robin over the ranks and their
+    integers and scales broadcast from the owner, so every rank ends with all entries."""
     sd = unbanked_state_dict(model)
-    names, matrices = list(sd), {name + ".weight" for name in block_matrices(model)}
-    entries = {}
-    for i, name in enumerate(names):
-        H = hessians.get(name[:-7]) if name in matrices else None
-        owner = i % d.world_size
+    matrices = [name + ".weight" for name in block_matrices(model)]
+    entries = {name: quantize_tensor(name, W, None, False, hp) for name, W in sd.items() if name not in matrices}
+    for i, name in enumerate(matrices):
+        W, H, owner = sd[name], hessians.get(name[:-7]), i % d.world_size
         if owner == d.rank:
-            t0 = time.perf_counter()
-            entries[name] = quantize_tensor(name, sd[name], H, name in matrices, hp)
-            entries[name]["seconds"] = time.perf_counter() - t0
+            e = quantize_tensor(name, W, H, True, hp)
         else:
-            entries[name] = None
-    for i, name in enumerate(names):
-        entries[name] = broadcast_entry(entries[name], sd[name], i % d.world_size, d)
-        e = entries[name]
-        if e["kind"] == "int5":
-            W = sd[name].float()
-            H = hessians.get(name[:-7])
-            err_q = hessian_weighted_error(W, dequantize(e["q"], e["scale"]), H).sum().item() if H is not None else float("nan")
-            err_rtn = hessian_weighted_error(W, dequantize(*quantize_rtn(W, 5)), H).sum().item() if H is not None else float("nan")
-            method = "gptq" if e["gptq"] else "rtn_no_hessian"
-            log(f"gptq: {name} shape:{tuple(W.shape)} method:{method} h_err:{err_q:.4e} rtn_h_err:{err_rtn:.4e} "
-                f"ratio:{err_q / err_rtn if err_rtn > 0 else float('nan'):.3f} time:{e.get('seconds', 0.0):.2f}s")
+            e = dict(kind="int5", q=torch.empty(W.shape, dtype=torch.int8, device=W.device),
+                     scale=torch.empty(W.size(0), dtype=torch.float16, device=W.device), gptq=H is not None)
+        broadcast(e["q"], owner)
+        broadcast(e["scale"], owner)
+        entries[name] = e
+        if d.is_main:
+            err = hessian_weighted_error(W.float(), dequantize(e["q"], e["scale"]), H).sum().item() if H is not None else float("nan")
+            rtn = hessian_weighted_error(W.float(), dequantize(*quantize_rtn(W, 5)), H).sum().item() if H is not None else float("nan")
+            log(f"gptq: {name} shape:{tuple(W.shape)} method:{'gptq' if H is not None else 'rtn_no_hessian'} "
+                f"h_err:{err:.4e} rtn_h_err:{rtn:.4e} ratio:{err / rtn if rtn > 0 else float('nan'):.3f} rank:{owner}")
     return entries
-
-
-def broadcast_entry(entry: dict | None, W: torch.Tensor, owner: int, d: Dist) -> dict:
-    """Send one quantized entry from its owner rank to all ranks (shapes are known from W)."""
-    if d.world_size == 1:
-        return entry
-    kind = torch.tensor([0 if entry is None else {"int5": 1, "int8": 2, "fp16": 3}[entry["kind"]]], device=d.device)
-    all_reduce(kind, "max")
-    kind_name = {1: "int5", 2: "int8", 3: "fp16"}[int(kind.item())]
-    if kind_name == "fp16":
-        data = entry["data"] if entry is not None else torch.empty(W.shape, dtype=torch.float16, device=d.device)
-        return dict(kind="fp16", data=broadcast(data.contiguous(), owner))
-    q = entry["q"] if entry is not None else torch.empty(W.shape, dtype=torch.int8, device=d.device)
-    scale = entry["scale"] if entry is not None else torch.empty(W.shape[0], dtype=torch.float16, device=d.device)
-    out = dict(kind=kind_name, q=broadcast(q.contiguous(), owner), scale=broadcast(scale.contiguous(), owner))
-    if kind_name == "int5":
-        flag = torch.tensor([float(entry["gptq"]) if entry is not None else 0.0], device=d.device)
-        out["gptq"] = bool(all_reduce(flag, "max").item())
-        out["seconds"] = entry["seconds"] if entry is not None else 0.0
-    return out
 
 
 def write_artifact(entries: dict, config: dict, path: Path, log: RunLog) -> int:
@@ -1805,25 +1801,24 @@ class TestTimeTrainer:
         w = target_bytes(x, y, luts).clamp(min=1).double()
         total_w = w.sum()  # the whole chunk's bytes: every rank knows them, no communication
         mine = slice(n_seqs * d.rank // d.world_size, n_seqs * (d.rank + 1) // d.world_size)
-        for lora in self.loras:
-            lora.use_average = False
-        with autocast(d):
-            logits = self.model.logits(self.model.hidden(x[mine]))
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y[mine].reshape(-1), reduction="none")
-        loss = (ce.double() * w[mine].reshape(-1)).sum() / total_w
-        loss.backward()
-        for lora in self.loras:
-            lora.use_average = True
+        if mine.start < mine.stop:
+            for lora in self.loras:
+                lora.use_average = False
+            with autocast(d):
+                logits = self.model.logits(self.model.hidden(x[mine]))
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y[mine].reshape(-1), reduction="none")
+            ((ce.double() * w[mine].reshape(-1)).sum() / total_w).backward()
+            for lora in self.loras:
+                lora.use_average = True
+        else:  # more ranks than sequences: this rank contributes zero to the summed gradient
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
         all_reduce_grads(self.params, "sum")  # each rank's loss is its share of one global mean
         torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         for lora in self.loras:
             lora.polyak_update(self.hp.ttt_polyak_decay)
-
-
-class EvalBudgetExceeded(GolfError):
-    pass
 
 
 @dataclass
@@ -1842,7 +1837,7 @@ class EvalResult:
 def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
              temperature: float, use_ngram: bool, use_ttt: bool, clock_start: float | None = None,
              label: str = "eval", dump_path: str = "") -> EvalResult:
-    """The single pass. With clock_start, stops loudly (EvalBudgetExceeded) once EVAL_BUDGET_SECONDS
+    """The single pass. With clock_start, stops loudly (GolfError) once EVAL_BUDGET_SECONDS
     have passed since then: a partial score is never reported. With dump_path, saves per-target arrays."""
     t0 = time.perf_counter()
     model.eval()
@@ -1903,7 +1898,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             log(f"{label}_budget_exceeded: stopped after chunk {c + 1}/{n_chunks} at "
                 f"{time.perf_counter() - clock_start:.1f}s > EVAL_BUDGET_SECONDS={hp.eval_budget_seconds}; "
                 f"the partial score is NOT a result and is not reported")
-            raise EvalBudgetExceeded(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} "
+            raise GolfError(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} "
                                      f"after chunk {c + 1}/{n_chunks}")
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
@@ -2074,6 +2069,9 @@ def main() -> None:
     if hp.eval_only:  # reproduce a score from an artifact: no training data is touched
         integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
         return
+    if d.is_main:  # a failed run must not leave an earlier run's result looking like its own
+        for stale in ("submission.json", "final_model.int5.xz"):
+            (out / stale).unlink(missing_ok=True)
     train_files = shard_files(hp.data_path, "train")  # every header checked now, not hours into training
     log(f"data: train_shards:{len(train_files)} train_tokens:{sum(check_shard(p) for p in train_files)}")
     torch.manual_seed(hp.seed)

@@ -28,7 +28,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    d = tg.Dist(rank, world, rank, torch.device("cpu"))
+    d = tg.Dist(rank=rank, world_size=world, device=torch.device("cpu"))
     for num_layers in (4, 3):
         hp = tg.Hyperparameters(**{**TINY, "num_layers": num_layers})
         hp.validate()

@@ -344,10 +344,11 @@ def test_global_batch_independent_of_world_size(train_dir):
 
 def test_loader_rejects_out_of_range_tokens(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3] * 100 + [1500] + [4] * 100)
-    loader = tg.DistributedTokenLoader(str(tmp_path), tg.Dist(), V)
-    with pytest.raises(tg.GolfError, match="VOCAB_SIZE"):
+    with pytest.raises(tg.GolfError, match="VOCAB_SIZE") as err:  # checked when the shard is loaded
+        loader = tg.DistributedTokenLoader(str(tmp_path), tg.Dist(), V)
         for _ in range(10):
             loader.next_batch(64, 16)
+    assert "fineweb_train_000000.bin" in str(err.value)
 
 
 def test_token_stream_single_short_shard_wraps_within_one_take(tmp_path):

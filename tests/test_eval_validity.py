@@ -544,3 +544,20 @@ def test_eval_only_needs_only_the_val_shard(artifact, corpus_env, eval_only_runs
     r = run_script({**corpus_env, "DATA_PATH": str(data), "EVAL_ONLY": str(artifact)}, out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert exact_bpb((out / "logs" / "test.txt").read_text()) == exact_bpb(eval_only_runs[1][1])
+
+
+def test_ttt_step_on_a_rank_without_sequences(val_tokens, luts):
+    """More ranks than sequences in a chunk: the idle rank contributes a zero gradient (no crash), so the
+    collective sum of the others is unchanged."""
+    hp = tiny_hp()
+    model = make_model(hp)
+    tokens = val_tokens[:3 * hp.eval_seq_len].long()
+    ttt = tg.TestTimeTrainer(model, hp, tg.Dist(rank=0, world_size=4))
+    before = [p.detach().clone() for p in ttt.params]
+    ttt.step(tokens, 1, hp.eval_seq_len, luts)  # one sequence, split floor(n*r/W): only rank 3 gets it
+    # Single process, no group: the "sum" is this rank's zero gradient, so AdamW (no decay) moves nothing.
+    assert all(torch.equal(p, b) for p, b in zip(ttt.params, before))
+    busy = tg.TestTimeTrainer(make_model(hp), hp, tg.Dist(rank=3, world_size=4))
+    before = [p.detach().clone() for p in busy.params]
+    busy.step(tokens, 1, hp.eval_seq_len, luts)  # rank 3 owns the sequence and does move
+    assert any(not torch.equal(p, b) for p, b in zip(busy.params, before))

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT, run_script, tiny_hp
+from conftest import replace, ROOT, run_script, tiny_hp
 import train_gpt as tg
 
 QMAX = 15
@@ -458,6 +458,9 @@ def test_run_size_accounting(main_run):
 
 
 def test_run_over_size_cap_fails_loudly(corpus_env, tmp_path):
+    # An earlier run's results in the same OUTPUT_DIR must not survive to look like this run's.
+    (tmp_path / "submission.json").write_text('{"val_bpb": 1.0}')
+    (tmp_path / "final_model.int5.xz").write_bytes(b"old")
     proc = run_script({**corpus_env, **RUN_OVERRIDES, "ARTIFACT_SIZE_CAP": "1000"}, tmp_path)
     assert proc.returncode != 0
     assert "ARTIFACT_SIZE_CAP" in proc.stderr
@@ -466,3 +469,15 @@ def test_run_over_size_cap_fails_loudly(corpus_env, tmp_path):
     assert not (tmp_path / "submission.json").exists()
     assert (tmp_path / "final_model.pt").is_file()
     assert "export_failed" in (tmp_path / "logs" / "test.txt").read_text()
+
+
+def test_artifact_for_another_vocab_is_rejected(tmp_path):
+    """An artifact whose recorded architecture does not fit VOCAB_SIZE stops with GolfError naming it."""
+    hp = tiny_hp()
+    model = tg.GPT(hp)
+    entries = {k: tg.quantize_tensor(k, v, None, False, hp) for k, v in tg.unbanked_state_dict(model).items()}
+    path = tmp_path / "a.xz"
+    tg.write_artifact(entries, {k: getattr(hp, k) for k in tg.MODEL_FIELDS}, path, tg.RunLog(None))
+    tg.model_from_artifact(path, hp, tg.Dist())  # fits
+    with pytest.raises(tg.GolfError, match="VOCAB_SIZE=512"):
+        tg.model_from_artifact(path, replace(hp, vocab_size=512), tg.Dist())
