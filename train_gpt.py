@@ -72,6 +72,7 @@ class Hyperparameters:
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
     vocab_size: int = 1024
     seed: int = 1337
+    dist_timeout_seconds: float = 300.0   # a collective waiting longer than this ends the run (a rank died)
     run_id: str = ""                      # empty: derived from the start time and SEED
     output_dir: str = "."                 # final_model.pt, final_model.int5.xz, submission.json, logs/
     data_label: str = "fineweb10B_sp1024"  # what the data is, recorded in the log and submission.json
@@ -96,7 +97,7 @@ class Hyperparameters:
     train_seq_len: int = 2048
     train_batch_tokens: int = 786432      # global, independent of WORLD_SIZE
     max_wallclock_seconds: float = 600.0  # 0 = step-based run (deterministic schedules from the step count)
-    export_reserve_seconds: float = 20.0  # left of the budget for GPTQ calibration, quantization, writing
+    export_reserve_seconds: float = 10.0  # floor of the time kept for calibration + export (measured: BudgetPlan)
     warmup_steps: int = 20                # compile warm-up steps, undone before the clock starts
     warmdown_frac: float = 0.25           # WSD: constant LR, then a cosine to zero over this last fraction
     matrix_lr_encoder: float = 0.025      # Muon LR of the first NUM_LAYERS // 2 blocks
@@ -183,10 +184,6 @@ class Hyperparameters:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    @property
-    def train_budget_seconds(self) -> float:
-        return self.max_wallclock_seconds - self.export_reserve_seconds
-
     def clip_levels(self) -> tuple:
         return tuple(float(x) for x in self.gptq_clip_levels.split(","))
 
@@ -217,10 +214,17 @@ class Hyperparameters:
         need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", "must be >= 2")
         need(self.train_batch_tokens > 0 and self.train_batch_tokens % (8 * self.train_seq_len) == 0,
              "TRAIN_BATCH_TOKENS", "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
-        need(self.max_wallclock_seconds == 0 or self.train_budget_seconds > 0, "EXPORT_RESERVE_SECONDS",
+        need(self.max_wallclock_seconds == 0 or self.export_reserve_seconds < self.max_wallclock_seconds,
+             "EXPORT_RESERVE_SECONDS",
              "must be smaller than MAX_WALLCLOCK_SECONDS")
         need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
         need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
+        for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum",
+                    "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
+            need(getattr(self, var) <= 1, var.upper(), "must be in [0, 1]")
+        need(self.dist_timeout_seconds >= 1, "DIST_TIMEOUT_SECONDS", "must be >= 1")
+        need(self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", "must be > 0")
+        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS", "must be >= 1")
         need(0 <= self.swa_weight <= 1, "SWA_WEIGHT", "must be in [0, 1]")
         need(self.swa_every >= 1, "SWA_EVERY", "must be >= 1")
         need(self.train_log_every >= 1, "TRAIN_LOG_EVERY", "must be >= 1")
@@ -244,6 +248,7 @@ class Hyperparameters:
         need(self.ttt_temperature > 0, "TTT_TEMPERATURE", "must be > 0")
         need(0 <= self.ttt_polyak_decay < 1, "TTT_POLYAK_DECAY", "must be in [0, 1)")
         need(self.ttt_lora_rank >= 1, "TTT_LORA_RANK", "must be >= 1")
+        need(self.ngram_eval_order >= 2, "NGRAM_EVAL_ORDER", "must be >= 2 (a context of at least one token)")
         need(2 <= self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER",
              "must be in 2..NGRAM_EVAL_ORDER")
         need(self.ngram_eval_order < 2 ** NGramCache.ORDER_BITS, "NGRAM_EVAL_ORDER",
@@ -301,7 +306,7 @@ class Dist:
         return self.device.type == "cuda"
 
 
-def init_distributed() -> Dist:
+def init_distributed(timeout_seconds: float = 300.0) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if 8 % world_size != 0:
@@ -312,7 +317,9 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A timeout, so a rank that stopped ends the run with a message instead of a silent 30-minute wait.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_seconds))
     return Dist(rank, world_size, device)
 
 
@@ -421,6 +428,25 @@ def shard_files(data_path: str, split: str) -> list[Path]:
         raise GolfError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern} "
                         f"(fetch the data, see README, or run ./run.sh to build the embedded corpus)")
     return files
+
+
+def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
+    """Every train shard's header, size and token range, checked at start-up rather than when training
+    reaches it: the shards are split over ranks and scanned in parallel threads. Returns the token count."""
+    files = shard_files(data_path, "train")
+    counts = [check_shard(p) for p in files]
+    mine = list(range(d.rank, len(files), d.world_size))
+    top = torch.full((len(files),), -1.0, dtype=torch.float64)
+    scan = lambda i: float(np.memmap(files[i], dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4,
+                                     shape=(counts[i],)).max()) if counts[i] else -1.0
+    with ThreadPoolExecutor(max(1, min(8, len(mine)))) as pool:
+        for i, m in zip(mine, pool.map(scan, mine)):
+            top[i] = m
+    top = all_reduce(top.to(d.device), "max").cpu()
+    for path, m in zip(files, top.tolist()):
+        if m >= vocab_size:
+            raise GolfError(f"train shard {path}: token id {int(m)} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
+    return sum(counts)
 
 
 def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
@@ -1149,6 +1175,7 @@ def eval_val_loss(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hype
 class TrainResult:
     steps: int
     train_seconds: float
+    export_estimate: float = 0.0  # what the stop rule reserved for calibration + export (0: step-based run)
 
 
 def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
@@ -1170,43 +1197,136 @@ def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
         f"restored:weights,optimizer_state,loader,bigram_counts")
 
 
+class SharedClock:
+    """Training time agreed by every rank without a host sync per step. Each step posts this rank's clock
+    into an asynchronous max-all-reduce and reads the result posted one step earlier; on CUDA that read
+    waits only for the earlier step, so the GPU queue never drains. Decisions taken from `read()` are one
+    step late and identical on all ranks."""
+
+    def __init__(self, d: Dist):
+        self.d, self.pending = d, []
+
+    def post(self, values: list) -> None:
+        t = torch.tensor(values, dtype=torch.float64, pin_memory=self.d.is_cuda).to(self.d.device, non_blocking=True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True).wait()  # on NCCL: a stream wait, not a host one
+        if self.d.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            t = (host, event)
+        self.pending.append(t)
+
+    def read(self) -> list | None:
+        """The values posted by the previous call of `post` (None before the second post)."""
+        if len(self.pending) < 2:
+            return None
+        t = self.pending.pop(0)
+        if isinstance(t, tuple):
+            t[1].synchronize()
+            t = t[0]
+        return t.tolist()
+
+
+@dataclass
+class BudgetPlan:
+    """When to stop: the predicted end of the run (training so far + the steps still to come before a stop
+    decision takes effect + calibration and export, as measured before the clock) must fit the budget."""
+    limit: float              # MAX_WALLCLOCK_SECONDS
+    export_estimate: float    # seconds for calibration + quantization + writing, with safety factor and floor
+    lag_steps: int = 1        # SharedClock's delay: one more step has run than the shared clock shows
+
+    def predicted_end(self, elapsed: float, step_seconds: float) -> float:
+        return elapsed + (self.lag_steps + 1) * step_seconds + self.export_estimate
+
+    def train_share(self) -> float:
+        """The training seconds the schedule (WSD, QAT start) is laid out over."""
+        return max(1e-9, self.limit - self.export_estimate)
+
+
+EXPORT_SAFETY = 1.5  # measured export time x this (a loaded machine or bigger final weights): see BudgetPlan
+
+
+def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
+    """Measure calibration + export on the current (initial) weights into a scratch folder, before the
+    clock: the same code the run ends with, at this model size and world size."""
+    hp, d = trainer.hp, trainer.d
+    if hp.max_wallclock_seconds <= 0:
+        return None
+    scratch = Path(hp.output_dir) / f".export_probe_{os.getpid()}"
+    scratch.mkdir(exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        export(trainer.model, hp, d, RunLog(None), scratch, TrainResult(0, 0.0))
+        measured = time.perf_counter() - t0
+        sync(d)
+        measured = float(all_reduce(torch.tensor([measured], dtype=torch.float64, device=d.device), "max").item())
+    finally:
+        barrier()
+        if d.is_main:
+            for p in scratch.iterdir():
+                p.unlink()
+            scratch.rmdir()
+    plan = BudgetPlan(hp.max_wallclock_seconds, max(hp.export_reserve_seconds, EXPORT_SAFETY * measured))
+    log(f"budget_plan: export_probe:{measured:.1f}s export_estimate:{plan.export_estimate:.1f}s "
+        f"(max of EXPORT_RESERVE_SECONDS={hp.export_reserve_seconds:g} and {EXPORT_SAFETY} x probe) "
+        f"train_share:{plan.train_share():.1f}s limit:{hp.max_wallclock_seconds:g}s")
+    if plan.train_share() < 0.05 * hp.max_wallclock_seconds:
+        raise GolfError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g} leaves no time to train: export is "
+                        f"estimated at {plan.export_estimate:.1f}s (raise the budget or shrink the model)")
+    return plan
+
+
 def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log: RunLog) -> TrainResult:
     hp, d = trainer.hp, trainer.d
-    wallclock = hp.max_wallclock_seconds > 0
     warmup_and_restore(trainer, log)
+    plan = plan_budget(trainer, log)
     start = time.perf_counter()  # the clock starts here, before the loader reads its first shard
     loader = DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
     counter = BigramCounter(hp.vocab_size, hp.complement_alpha, d.device) if hp.complement_alpha > 0 else None
     averager = WeightAverager(trainer.model, hp)
-    step, loss, val_s, last_log = 0, torch.zeros((), device=d.device), 0.0, 0.0
-    train_s = 0.0  # wall time since the clock started, minus validation passes (which are not timed)
-    while True:
-        progress = train_s / hp.train_budget_seconds if wallclock else step / hp.iterations
-        if step >= hp.iterations or (wallclock and train_s >= hp.train_budget_seconds):
+    clock = SharedClock(d)
+    step, loss, val_s, last_log = 0, torch.zeros((), device=d.device), 0.0, -1.0
+    shared = [0.0, 0.0, 0.0]  # [training seconds, last step's seconds, steps] agreed by all ranks, a step late
+    stop_reason, t_prev = "iterations", start
+    while step < hp.iterations:
+        train_s = shared[0]
+        progress = train_s / plan.train_share() if plan else step / hp.iterations
+        if plan and plan.predicted_end(train_s, shared[1]) > plan.limit:
+            stop_reason = "predicted_budget"
             break
-        lr_mult = lr_multiplier(progress, hp.warmdown_frac)
+        lr_mult = lr_multiplier(min(progress, 1.0), hp.warmdown_frac)
         qat = progress >= hp.late_qat_frac
         loss = trainer.step(loader, counter, lr_mult, muon_momentum_at(step, hp), qat)
         step += 1
         averager.update(step, lr_mult)
-        sync(d)
-        train_s = shared_seconds(time.perf_counter() - start - val_s, d)
-        if step % hp.train_log_every == 0 or train_s - last_log > 20 or step == hp.iterations:
-            last_log = train_s
-            log_train_step(hp, step, all_reduce(loss.detach().clone(), "avg").item(), train_s, lr_mult, qat, log)
+        now = time.perf_counter()
+        clock.post([now - start - val_s, now - t_prev, float(step)])
+        t_prev = now
+        shared = clock.read() or shared
+        if step % hp.train_log_every == 0 or step == hp.iterations or shared[0] - last_log > 20:
+            last_log = shared[0]
+            log_train_step(hp, step, all_reduce(loss.detach().clone(), "avg").item(), shared, lr_mult, qat, plan, log)
         if hp.val_loss_every > 0 and step % hp.val_loss_every == 0:
             t0 = time.perf_counter()
             val_loss, val_bpb = eval_val_loss(trainer.model, val_tokens, luts, hp, d)
             log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{train_s * 1000:.0f}ms")
+                f"train_time:{shared[0] * 1000:.0f}ms")
             val_s += time.perf_counter() - t0
+            t_prev = time.perf_counter()
     final_loss = all_reduce(loss.detach().clone(), "avg").item()
     check_finite(final_loss, step)
-    if wallclock and step < hp.iterations:
-        log(f"stopping_early: wallclock_cap train_time:{train_s * 1000:.0f}ms step:{step}/{hp.iterations}")
     log(f"weight_averaging: {averager.apply_final()}")
     sync(d)
-    return TrainResult(step, time.perf_counter() - start - val_s)
+    train_s = time.perf_counter() - start - val_s
+    if plan:
+        log(f"budget_prediction: stop:{stop_reason} step:{step}/{hp.iterations} train_time:{train_s:.1f}s "
+            f"step_estimate:{shared[1]:.2f}s export_estimate:{plan.export_estimate:.1f}s "
+            f"predicted_total:{train_s + plan.export_estimate:.1f}s limit:{plan.limit:g}s")
+    tokens, available = step * hp.train_batch_tokens, sum(check_shard(p) for p in shard_files(hp.data_path, "train"))
+    log(f"train_data: tokens_read:{tokens} train_tokens:{available} epochs:{tokens / max(1, available):.3f}")
+    return TrainResult(step, train_s, plan.export_estimate if plan else 0.0)
 
 
 def check_finite(loss: float, step: int) -> None:
@@ -1215,15 +1335,17 @@ def check_finite(loss: float, step: int) -> None:
                         f"MATRIX_LR_ENCODER/MATRIX_LR_DECODER/EMBED_LR/SCALAR_LR or GRAD_CLIP_NORM)")
 
 
-def log_train_step(hp, step: int, loss: float, train_s: float, lr_mult: float, qat: bool, log: RunLog) -> None:
+def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat: bool, plan, log: RunLog) -> None:
+    """`shared` is SharedClock's [seconds, last step's seconds, steps], one step behind `step`."""
     check_finite(loss, step)
-    avg_ms = 1000 * train_s / step
-    if hp.max_wallclock_seconds > 0:
-        eta = max(0.0, hp.train_budget_seconds - train_s)
+    train_s, done = shared[0], max(1.0, shared[2])
+    avg_ms = 1000 * train_s / done
+    if plan is not None:
+        eta = max(0.0, plan.train_share() - train_s)
     else:
         eta = avg_ms * (hp.iterations - step) / 1000
     log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{train_s * 1000:.0f}ms "
-        f"step_avg:{avg_ms:.2f}ms tok_s:{hp.train_batch_tokens * step / max(train_s, 1e-9):.0f} "
+        f"step_avg:{avg_ms:.2f}ms tok_s:{hp.train_batch_tokens * done / max(train_s, 1e-9):.0f} "
         f"lr_mult:{lr_mult:.3f} qat:{int(qat)} eta:{eta:.0f}s")
 
 
@@ -1832,6 +1954,7 @@ class EvalResult:
     seconds: float
     audit: list
     phase_seconds: dict
+    problems: list = field(default_factory=list)  # why the result is not a valid record (empty: it is)
 
 
 def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
@@ -1984,29 +2107,30 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
     total = artifact_bytes + code_bytes
     used = train.train_seconds + calib_s + export_s
     log(f"budget: train_time:{train.train_seconds:.1f}s calibration_time:{calib_s:.1f}s export_time:{export_s:.1f}s "
-        f"total:{used:.1f}s limit:{hp.max_wallclock_seconds:.0f}s")
+        f"total:{used:.1f}s limit:{hp.max_wallclock_seconds:.0f}s predicted_export:{train.export_estimate:.1f}s "
+        f"actual_export:{calib_s + export_s:.1f}s margin:{hp.max_wallclock_seconds - used:.1f}s")
     log(f"Code size: {code_bytes} bytes")
     log(f"Serialized model int5+lzma: {artifact_bytes} bytes")
     log(f"Total submission size: {total} bytes (cap {hp.artifact_size_cap}, headroom {hp.artifact_size_cap - total})")
     verdict = torch.tensor([float(total), used], dtype=torch.float64, device=d.device)
     total, used = broadcast(verdict, 0).tolist()
-    problem = None
     if total > hp.artifact_size_cap:
         problem = f"artifact + code = {int(total)} bytes is over ARTIFACT_SIZE_CAP={hp.artifact_size_cap}"
-    elif hp.max_wallclock_seconds > 0 and used > hp.max_wallclock_seconds:
-        problem = (f"training + calibration + export took {used:.1f}s, over MAX_WALLCLOCK_SECONDS="
-                   f"{hp.max_wallclock_seconds:.0f} (raise EXPORT_RESERVE_SECONDS)")
-    if problem is not None:
         if d.is_main:
             tmp.unlink(missing_ok=True)
         log(f"export_failed: {problem}; no artifact or submission written; full-precision checkpoint kept at "
             f"{out / 'final_model.pt'}")
         raise GolfError(problem)
+    problems = []  # an overrun keeps the artifact and is evaluated, but the record says it is not compliant
+    if hp.max_wallclock_seconds > 0 and used > hp.max_wallclock_seconds:
+        problems.append(f"training budget overrun by {used - hp.max_wallclock_seconds:.1f}s: train + calibration + "
+                        f"export = {used:.1f}s > MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}")
+        log(f"NOT COMPLIANT: {problems[-1]}; the artifact is kept and evaluated, and marked non-compliant")
     if d.is_main:
         os.replace(tmp, out / "final_model.int5.xz")
     barrier()
     return dict(calibration_seconds=calib_s, export_seconds=export_s, artifact_bytes=int(artifact_bytes),
-                code_bytes=code_bytes, total_bytes=int(total))
+                code_bytes=code_bytes, total_bytes=int(total), problems=problems)
 
 
 def log_final(label: str, loss: float, bpb: float, log: RunLog, extra: str = "") -> None:
@@ -2031,17 +2155,17 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
 
 
 def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, train: TrainResult, exp: dict,
-                     prequant_bpb: float, gap: float, roundtrip: EvalResult, final: EvalResult) -> None:
+                     prequant_bpb: float, gap: float, roundtrip: EvalResult, final: EvalResult, problems: list) -> None:
     hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
         f"{d.world_size}x CPU process ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     record = dict(
         name=SUBMISSION_NAME, author=SUBMISSION_AUTHOR, github_id="", date=datetime.date.today().isoformat(),
         val_bpb=round(final.mixed_bpb, 8), val_loss=round(final.mixed_loss, 8),
         bytes_total=exp["total_bytes"], bytes_code=exp["code_bytes"],
-        blurb=(f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, int5 GPTQ + LZMA; single-pass eval mixing an "
+        blurb=("NOT A VALID RECORD (see non_compliance). " if problems else "") + (f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, int5 GPTQ + LZMA; single-pass eval mixing an "
                f"exact normalized n-gram cache (orders {hp.ngram_eval_min_order}-{hp.ngram_eval_order}) with "
                f"{'Polyak LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}."),
-        seed=hp.seed, run_id=run_id, log=f"logs/{run_id}.txt", data=hp.data_label, hardware=hardware,
+        compliant=not problems, non_compliance=problems, seed=hp.seed, run_id=run_id, log=f"logs/{run_id}.txt", data=hp.data_label, hardware=hardware,
         world_size=d.world_size, steps=train.steps, train_seconds=round(train.train_seconds, 2),
         calibration_seconds=round(exp["calibration_seconds"], 2), export_seconds=round(exp["export_seconds"], 2),
         eval_seconds=round(final.seconds, 2),
@@ -2055,25 +2179,77 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
     os.replace(tmp, path)
 
 
-def main() -> None:
-    hp = Hyperparameters.from_env(os.environ)
-    d = init_distributed()
-    run_id = hp.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_seed{hp.seed}"
-    out = Path(hp.output_dir)
-    log = RunLog(out / "logs" / f"{run_id}.txt" if d.is_main else None)
+def check_output_dir(out: Path, d: Dist) -> None:
+    """Probe OUTPUT_DIR for writing now, so an unwritable folder fails before training, not at the first save."""
+    probe = out / f".write_probe_rank{d.rank}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
+
+
+RESULT_FILES = ("submission.json", "final_model.int5.xz", "final_model.pt")
+
+
+def move_aside_previous(out: Path, log: RunLog) -> None:
+    """An earlier run's results go to OUTPUT_DIR/previous/<their time>/ (never deleted), so a run that fails
+    cannot leave them looking like its own. Called once the new run has passed its start-up checks."""
+    for name in RESULT_FILES:
+        old = out / name
+        if old.exists():
+            dest = out / "previous" / f"{datetime.datetime.fromtimestamp(old.stat().st_mtime):%Y%m%d_%H%M%S}"
+            dest.mkdir(parents=True, exist_ok=True)
+            os.replace(old, dest / name)
+            log(f"moved_aside: {old} -> {dest / name}")
+
+
+def error_line(e: Exception) -> str:
+    """One line naming what failed; an OS error names its path."""
+    if isinstance(e, OSError) and not isinstance(e, GolfError):
+        return f"{e.strerror or e}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return str(e)
+
+
+def log_summary(log: RunLog, status: dict) -> None:
+    """The last lines of a run: what it produced, whether it is a valid record, and where everything is."""
+    bar = "=" * 30
+    log(f"{bar} summary {bar}")
+    if "error" in status:
+        log(f"result: FAILED: {status['error']}")
+    elif "val_bpb" in status:
+        log(f"result: val_bpb:{status['val_bpb']:.8f} (final_integrated; the val_bpb of submission.json)")
+    problems = status.get("problems", [])
+    log("compliant: " + ("NO: " + "; ".join(problems) if problems else
+                         "yes (training and evaluation budgets, size cap)" if "val_bpb" in status else "n/a"))
+    if "total_bytes" in status:
+        log(f"bytes: artifact:{status['artifact_bytes']} code:{status['code_bytes']} total:{status['total_bytes']} "
+            f"cap:{status['cap']} headroom:{status['cap'] - status['total_bytes']}")
+    out = status["out"]
+    files = [f"log:{status['log']}"] + [f"{n}:{out / n}" for n in RESULT_FILES if (out / n).exists()]
+    log("files: " + " ".join(files))
+
+
+def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, status: dict) -> None:
     log_header(hp, d, log, run_id)
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     luts = build_byte_luts(sp, hp.vocab_size).to(d.device)
     val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size)
     log(f"data: val_tokens:{val_tokens.numel()} label:{hp.data_label}")
     if hp.eval_only:  # reproduce a score from an artifact: no training data is touched
-        integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
+        final = integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
+        status.update(val_bpb=final.mixed_bpb, problems=final.problems)
         return
-    if d.is_main:  # a failed run must not leave an earlier run's result looking like its own
-        for stale in ("submission.json", "final_model.int5.xz"):
-            (out / stale).unlink(missing_ok=True)
-    train_files = shard_files(hp.data_path, "train")  # every header checked now, not hours into training
-    log(f"data: train_shards:{len(train_files)} train_tokens:{sum(check_shard(p) for p in train_files)}")
+    if val_tokens.numel() - 1 < hp.train_seq_len:
+        raise GolfError(f"DATA_PATH={hp.data_path!r}: the validation split has {val_tokens.numel()} tokens, "
+                        f"fewer than one TRAIN_SEQ_LEN={hp.train_seq_len} sequence + 1")
+    t0 = time.perf_counter()
+    n_train = check_train_shards(hp.data_path, hp.vocab_size, d)
+    log(f"data: train_shards:{len(shard_files(hp.data_path, 'train'))} train_tokens:{n_train} "
+        f"token_ranges_checked_in:{time.perf_counter() - t0:.1f}s")
+    if d.is_main:
+        move_aside_previous(out, log)
     torch.manual_seed(hp.seed)
     model = GPT(hp).to(d.device)
     muon, adam, replicated = build_optimizers(model, hp, d)
@@ -2089,22 +2265,43 @@ def main() -> None:
     prequant_loss, prequant_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
     log(f"final_weights val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} (EMA/SWA, before quantization)")
     exp = export(model, hp, d, log, out, train)
+    status.update(exp, cap=hp.artifact_size_cap)
     rebuilt = model_from_artifact(out / "final_model.int5.xz", hp, d)
     gap = eval_val_loss(rebuilt, val_tokens, luts, hp, d)[1] - prequant_bpb  # same quick eval as final_weights
     roundtrip = evaluate(rebuilt, val_tokens, luts, hp, d, log, 1.0, use_ngram=False, use_ttt=False, label="roundtrip")
     log_final("final_int5_roundtrip", roundtrip.model_loss, roundtrip.model_bpb, log,
               f" eval_time:{roundtrip.seconds * 1000:.0f}ms quant_gap_bpb:{gap:.4f}")
     final = integrated_eval(out / "final_model.int5.xz", hp, d, log, val_tokens, luts)
+    status.update(val_bpb=final.mixed_bpb, problems=exp["problems"] + final.problems)
     if d.is_main:
-        write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, gap, roundtrip, final)
+        write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, gap, roundtrip, final,
+                         status["problems"])
         log(f"submission: {out / 'submission.json'} val_bpb:{final.mixed_bpb:.8f}")
+
+
+def main() -> None:
+    hp = Hyperparameters.from_env(os.environ)
+    d = init_distributed(hp.dist_timeout_seconds)
+    run_id = hp.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_seed{hp.seed}"
+    out = Path(hp.output_dir)
+    check_output_dir(out, d)
+    log = RunLog(out / "logs" / f"{run_id}.txt" if d.is_main else None)
+    status = dict(out=out, log=out / "logs" / f"{run_id}.txt")
+    try:
+        run(hp, d, log, out, run_id, status)
+    except (GolfError, OSError) as e:
+        status["error"] = error_line(e)
+        log(f"error: {status['error']}", console=False)  # the console gets it on stderr from __main__
+        raise
+    finally:
+        log_summary(log, status)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except GolfError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (GolfError, OSError) as e:
+        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():
