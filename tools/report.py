@@ -20,7 +20,7 @@ FINAL = re.compile(r"^(final_\w+?)(?:_exact)? val_loss:([\d.]+) val_bpb:([\d.]+)
 
 def parse_log(text: str) -> dict:
     """Series from the log's key:value lines (the source listing embedded in the log is skipped)."""
-    out = dict(train=[], val=[], chunks=[], final={}, run_id=None)
+    out = dict(train=[], val=[], chunks=[], final={}, run_id=None, result="", compliant="")
     in_source = False
     for line in text.splitlines():
         if line.startswith("=" * 40) and "source:" in line:
@@ -31,6 +31,9 @@ def parse_log(text: str) -> dict:
             continue
         if line.startswith("run_id:"):
             out["run_id"] = line.split(":", 1)[1].strip()
+        elif line.startswith(("result: ", "compliant: ")):  # the run's summary block (also on a failed run)
+            key, _, value = line.partition(": ")
+            out[key] = value
         elif m := TRAIN.match(line):
             out["train"].append((int(m[1]), float(m[2]), int(m[3]) / 1000, float(m[4])))
         elif m := VAL.match(line):
@@ -56,15 +59,18 @@ def draw(series: dict, path: Path) -> None:
         ax[0, 1].axhline(bpb, ls="--", lw=1, color={"final_int5_roundtrip": "C1", "final_integrated": "C2"}.get(name, "C3"),
                          label=f"{name} {bpb:.4f}")
     ax[0, 1].set(xlabel="train time (s)", ylabel="bits per byte", title="validation BPB")
-    ax[0, 1].legend(fontsize=8)
+    if ax[0, 1].get_legend_handles_labels()[0]:
+        ax[0, 1].legend(fontsize=8)
     ax[1, 0].plot(t, [s[3] for s in series["train"]])
     ax[1, 0].set(xlabel="train time (s)", ylabel="ms / step (running average)", title="step time")
     c = series["chunks"]
     ax[1, 1].plot([x[0] for x in c], [x[1] for x in c], label="model only (LoRA TTT)")
     ax[1, 1].plot([x[0] for x in c], [x[2] for x in c], label="integrated (n-gram mixed)")
     ax[1, 1].set(xlabel="eval chunk", ylabel="bits per byte", title="evaluation per chunk")
-    ax[1, 1].legend(fontsize=8)
-    fig.suptitle(f"run {series['run_id']}")
+    if c:
+        ax[1, 1].legend(fontsize=8)
+    status = "  |  ".join(x for x in (series["result"], series["compliant"] and "compliant: " + series["compliant"]) if x)
+    fig.suptitle(f"run {series['run_id']}" + (f"\n{status}" if status else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
