@@ -345,17 +345,19 @@ def claimed_scores(log_path: Path | None, submission: Path | None) -> dict:
 
 def verify(args, environ) -> tuple:
     """All checks: ([(name, status, detail)], what tokens were checked)."""
-    artifact, script = Path(args.artifact).resolve(), Path(args.script).resolve()
-    log_path = Path(args.log).resolve() if args.log else None
-    if args.submission and not log_path:  # the log named in submission.json, next to it
-        named = Path(args.submission).resolve().parent / json.loads(Path(args.submission).read_text()).get("log", "")
-        log_path = named if named.is_file() else None
-    for p in (artifact, script):
-        if not p.is_file():
+    given = lambda p: (Path(args.base_dir) / p).resolve() if p else None
+    artifact, script, log_path, submission = given(args.artifact), given(args.script), given(args.log), \
+        given(args.submission)
+    for p in (artifact, script, log_path, submission):
+        if p is not None and not p.is_file():
             raise SystemExit(f"verify: no such file {p}")
+    if submission is not None and log_path is None:  # the log named in submission.json, next to it
+        named = submission.parent / json.loads(submission.read_text()).get("log", "")
+        log_path = named if named.is_file() else None
     env = settings(log_path, environ)
     mod = load_script(script)
     hp = mod.Hyperparameters.from_env(env)
+    env["TOKENIZER_PATH"] = str(Path(hp.tokenizer_path).resolve())  # the runs' working folder is a temp one
     tokens = validation_tokens(hp.data_path).astype(np.int64)
     n_all = tokens.size
     prefix = args.tokens is not None and args.tokens < tokens.size
@@ -364,7 +366,7 @@ def verify(args, environ) -> tuple:
     n = tokens.size
     scope = f"PREFIX: the first {n} of {n_all} validation tokens (not the full score)" if prefix else \
         f"all {n} validation tokens"
-    claims = claimed_scores(log_path, Path(args.submission) if args.submission else None)
+    claims = claimed_scores(log_path, submission)
     rows = [("size", *check_size(artifact, script)), ("code hash", *check_code_hash(mod, artifact, script)),
             ("log source", *check_log_source(log_path, script))]
     with tempfile.TemporaryDirectory(prefix="verify_") as tmp:
@@ -409,6 +411,7 @@ def parse_args(argv):
     p.add_argument("--tokens", type=int, help="check only the first N validation tokens (a quick prefix check)")
     p.add_argument("--script", default=str(ROOT / "train_gpt.py"), help="the train_gpt.py to verify")
     p.add_argument("--nproc", type=int, default=1, help="processes per EVAL_ONLY run (torchrun when > 1)")
+    p.add_argument("--base-dir", default=".", help="folder the paths given here are relative to (run.sh: the caller's)")
     p.add_argument("--tol", type=float, default=1e-6, help="BPB tolerance of the score comparisons")
     return p.parse_args(argv)
 
