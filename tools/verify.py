@@ -26,6 +26,7 @@ and one table of checks, exiting 1 if any fails:
   C2 weights      target run: order and alpha at the changed target are unchanged (never read the target)
   C2 distribution target run: the audited distribution at the changed target is unchanged, and its entry
                   at the new token is the new score
+A full check costs three evaluations (on the real data, three times the eval time; use --nproc on GPUs).
 With --tokens N every run uses the first N validation tokens (a quick check of a prefix; the table says so
 and the score row is skipped: a prefix score is not the submitted one).
 """
@@ -184,7 +185,10 @@ def check_size(artifact: Path, script: Path) -> tuple:
 
 
 def check_code_hash(mod, artifact: Path, script: Path) -> tuple:
-    header = mod.artifact_header(artifact) if hasattr(mod, "artifact_header") else {}
+    try:
+        header = mod.artifact_header(artifact) if hasattr(mod, "artifact_header") else {}
+    except Exception as e:  # a corrupt or foreign artifact: say so in the table
+        return FAIL, f"artifact_header failed: {e}"
     recorded = header.get("code_sha256")
     if not recorded:
         return FAIL, "artifact has no code hash"
@@ -195,7 +199,7 @@ def check_code_hash(mod, artifact: Path, script: Path) -> tuple:
 def check_log_source(log_path: Path | None, script: Path) -> tuple:
     if log_path is None:
         return SKIP, "no --log given"
-    m = re.search(r"^=+ source: train_gpt\.py =+\n(.*)\n=+$", log_path.read_text(encoding="utf-8"), re.M | re.S)
+    m = re.search(r"^=+ source: train_gpt\.py =+\n(.*?)\n={100}$", log_path.read_text(encoding="utf-8"), re.M | re.S)
     if m is None:
         return FAIL, f"{log_path} embeds no source"
     same = m[1] == script.read_text(encoding="utf-8")
@@ -383,6 +387,7 @@ def verify(args, environ) -> tuple:
         cut = cut_point(n, hp.ttt_chunk_tokens, hp.eval_stride)
         cut_run = eval_run(script, env, artifact, permute_after(tokens, cut, hp.vocab_size), work, "cut", args.nproc)
         rows.append(("C1 causal", *check_causal(base, cut_run, cut)))
+        del cut_run  # a full-size dump is ~3 GB: keep at most two in memory
         rows.append(("C2 normalized", *check_normalized(base, tokens)))
         t = pick_target(base, n)
         new = unseen_token(tokens, t, int(base["dump"]["order"][t - 1]), hp.vocab_size)
