@@ -113,3 +113,44 @@ def test_perturbation_helpers():
     assert (p[:3] == tokens[:3]).all() and (p[3:] != tokens[3:]).all() and p.max() < 16
     cut = verify.cut_point(4096, 1024, 16)
     assert 1024 < cut < 2048 and cut % 16 != 0
+
+
+def fake_dump(rng, n: int, V: int = 8, audit=(3, 6)) -> tuple:
+    """A self-consistent dump over n tokens: audited rows are normalized and hold exp(-mixed_nll) at the target."""
+    tokens = rng.integers(0, V, n)
+    pos = np.array(audit)
+    p = rng.random((len(pos), V))
+    p /= p.sum(1, keepdims=True)
+    mixed = rng.random(n - 1) + 0.5
+    mixed[pos - 1] = -np.log(p[np.arange(len(pos)), tokens[pos]])
+    d = dict(model_nll=mixed + 0.1, mixed_nll=mixed, order=np.full(n - 1, 3.0), alpha=np.full(n - 1, 0.2),
+             bytes=np.ones(n - 1), times_scored=np.ones(n - 1), audit_pos=pos, audit_p=p)
+    return tokens, d
+
+
+def test_audit_checks_on_synthetic_dumps():
+    """The rows that need the eval branch's audit arrays, checked on hand-made dumps (pass and fail)."""
+    rng = np.random.default_rng(0)
+    tokens, d = fake_dump(rng, 10)
+    base = dict(dump=d, bpb=0.0)
+    assert verify.check_normalized(base, tokens)[0] == "PASS"
+    bad = dict(d, audit_p=d["audit_p"] * 1.01)
+    assert verify.check_normalized(dict(dump=bad), tokens)[0] == "FAIL"
+    # changing target 6's token: same distribution, new score = its entry at the new token -> PASS
+    new = (tokens[6] + 1) % 8
+    after = dict(d, mixed_nll=d["mixed_nll"].copy())
+    after["mixed_nll"][5] = -np.log(d["audit_p"][1, new])
+    assert verify.check_distribution(base, dict(dump=after), 6, new)[0] == "PASS"
+    assert verify.check_weights(base, dict(dump=after), 6, tokens, new)[0] == "PASS"
+    moved = dict(after, audit_p=d["audit_p"].copy())
+    moved["audit_p"][1] = np.roll(moved["audit_p"][1], 1)
+    assert verify.check_distribution(base, dict(dump=moved), 6, new)[0] == "FAIL"
+    reweighted = dict(after, alpha=d["alpha"].copy())
+    reweighted["alpha"][5] = 0.0
+    assert verify.check_weights(base, dict(dump=reweighted), 6, tokens, new)[0] == "FAIL"
+    # C1: a change before the cut fails, a change only after it passes
+    later = dict(d, mixed_nll=d["mixed_nll"] + np.r_[np.zeros(6), np.ones(3)])
+    assert verify.check_causal(base, dict(dump=later), 7)[0] == "PASS"
+    assert verify.check_causal(base, dict(dump=later), 8)[0] == "FAIL"
+    assert verify.check_causal(base, dict(dump=d), 7)[0] == "FAIL"  # nothing changed after the cut: vacuous
+    assert verify.check_once(dict(dump=dict(d, times_scored=np.r_[np.ones(8), 2.0])), 10)[0] == "FAIL"

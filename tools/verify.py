@@ -157,8 +157,9 @@ def pick_target(base: dict, n_tokens: int) -> int:
     d = base["dump"]
     pos = d["audit_pos"].astype(np.int64) if "audit_pos" in d else np.arange(1, n_tokens)
     pos = pos[(pos >= 2) & (pos < n_tokens)]
-    for good in ((d["order"][pos - 1] > 0) & (d["mixed_nll"][pos - 1] < d["model_nll"][pos - 1]),
-                 d["order"][pos - 1] > 0, np.ones(pos.size, dtype=bool)):
+    used = d["order"][pos - 1] > 0 if "order" in d else d["alpha"][pos - 1] > 0 if "alpha" in d else \
+        np.ones(pos.size, dtype=bool)
+    for good in (used & (d["mixed_nll"][pos - 1] < d["model_nll"][pos - 1]), used, np.ones(pos.size, dtype=bool)):
         if good.any():
             cand = pos[good]
             return int(cand[np.argmin(np.abs(cand - n_tokens // 2))])
@@ -171,7 +172,7 @@ def pick_target(base: dict, n_tokens: int) -> int:
 
 def first_diff(a: dict, b: dict, upto: int) -> str | None:
     """The first array among DUMP_KEYS that differs (bitwise) between two dumps on targets 1..upto."""
-    for k in DUMP_KEYS:
+    for k in (k for k in DUMP_KEYS if k in a and k in b):
         x, y = np.ascontiguousarray(a[k][:upto]), np.ascontiguousarray(b[k][:upto])
         bad = np.flatnonzero((x.view(np.uint8) != y.view(np.uint8)).reshape(x.size, -1).any(1))
         if bad.size:
@@ -306,6 +307,9 @@ def check_weights(base: dict, trun: dict, t: int, tokens: np.ndarray, new: int) 
     if "error" in trun:
         return FAIL, trun["error"]
     a, b = base["dump"], trun["dump"]
+    missing = [k for k in ("order", "alpha") if k not in a or k not in b]
+    if missing:
+        return FAIL, f"dump has no {', '.join(missing)} array"
     diff = first_diff(a, b, t - 1)
     if diff is not None:
         return FAIL, f"token {t} changed: {diff.replace('the cut', 'it')}"
@@ -390,7 +394,8 @@ def verify(args, environ) -> tuple:
         del cut_run  # a full-size dump is ~3 GB: keep at most two in memory
         rows.append(("C2 normalized", *check_normalized(base, tokens)))
         t = pick_target(base, n)
-        new = unseen_token(tokens, t, int(base["dump"]["order"][t - 1]), hp.vocab_size)
+        order = int(base["dump"]["order"][t - 1]) if "order" in base["dump"] else getattr(hp, "ngram_eval_order", 9)
+        new = unseen_token(tokens, t, order, hp.vocab_size)
         changed = tokens.copy()
         changed[t] = new
         trun = eval_run(script, env, artifact, changed, work, "target", args.nproc)
