@@ -84,5 +84,6 @@ case "$mode" in
     test) exec "$python_bin" -m pytest -q -p no:cacheprovider tests ;;
     gpu-check) exec "$python_bin" tools/gpu_check.py "${@:2}" ;;
     seeds) select_job; exec "$python_bin" tools/seeds.py --launch "$launch" "${@:2}" ;;
-    *) echo "usage: ./run.sh [main|test|gpu-check|seeds SEED... [--ref-mean M --ref-std S --ref-n N]]" >&2; exit 2 ;;
+    verify) exec "$python_bin" tools/verify.py --nproc "$nproc" --base-dir "$OLDPWD" "${@:2}" ;;
+    *) echo "usage: ./run.sh [main|test|gpu-check|seeds SEED... [--ref-mean M --ref-std S --ref-n N]|verify ARTIFACT [--submission S] [--log L] [--tokens N]]" >&2; exit 2 ;;
 esac
