@@ -142,8 +142,8 @@ def capture_attention(monkeypatch):
     calls = []
     inner = tg.causal_attention
 
-    def spy(q, k, v):
-        y = inner(q, k, v)
+    def spy(q, k, v, *rest):
+        y = inner(q, k, v, *rest)
         calls.append((q, k, v, y))
         return y
 

@@ -207,7 +207,9 @@ def test_parallel_muon_two_gloo_ranks_match_reference(muon_two_ranks, num_layers
     assert_weight_decay_step(recs[0]["after"][0], recs[0]["init"], hp, f"L{num_layers} zero-gradient step")
     avg = [{n: (recs[0]["grads"][s][n] + recs[1]["grads"][s][n]) / 2 for n in tg.BANKS} for s in range(n_steps)]
     # the reduce-scatter hands each rank the AVERAGE gradient of the whole matrices it owns: ceil(N / 2)
-    # for rank 0, the rest for rank 1; the owned squared norms add up to the global one (gradient clip)
+    # for rank 0, the rest for rank 1; the owned squared norms add up to the global one (gradient clip).
+    # It communicates in bf16 (issue 13): each element is within 2^-7 of the mean magnitude of its two
+    # inputs (bf16 rounds to 2^-9 relative, at most three roundings on the way: inputs and result).
     for s in range(1, n_steps):
         total_sq = 0.0
         for n in tg.BANKS:
@@ -215,12 +217,18 @@ def test_parallel_muon_two_gloo_ranks_match_reference(muon_two_ranks, num_layers
             per = -(-N // 2)
             owned = [recs[0]["shard_grads"][s][n], recs[1]["shard_grads"][s][n]]
             assert owned[0].shape[0] == per and owned[1].shape[0] == N - per, n
-            assert torch.allclose(torch.cat(owned), avg[s][n], rtol=1e-6, atol=1e-7), n
+            scale = (recs[0]["grads"][s][n].abs() + recs[1]["grads"][s][n].abs()) / 2
+            assert torch.all((torch.cat(owned) - avg[s][n]).abs() <= 2 ** -7 * scale), n
+            assert not torch.equal(torch.cat(owned), avg[s][n])  # really bf16 on the wire (not fp32)
             total_sq += float(avg[s][n].square().sum())
-        assert recs[0]["owned_sq_norm"][s] + recs[1]["owned_sq_norm"][s] == pytest.approx(total_sq, rel=1e-5)
+        assert recs[0]["owned_sq_norm"][s] + recs[1]["owned_sq_norm"][s] == pytest.approx(total_sq, rel=1e-2)
     mu = hp.muon_momentum_warmup_start  # build_optimizers' initial momentum
     clips = (1.0, 1.0, 0.7)  # _muon_worker.CLIPS
-    ref = ref_muon(recs[0]["init"], avg, clips, hp, (mu,) * n_steps, (1.0,) * n_steps)
+    # the reference is fed the averaged gradient as it arrived (bf16-rounded, checked against the exact
+    # average above), so what is compared here is the optimizer's arithmetic and the update all-gather
+    wire = [{n: torch.cat([recs[0]["shard_grads"][s][n], recs[1]["shard_grads"][s][n]]) for n in tg.BANKS}
+            for s in range(n_steps)]
+    ref = ref_muon(recs[0]["init"], wire, clips, hp, (mu,) * n_steps, (1.0,) * n_steps)
     for s in (1, 2):
         assert_banks_close(recs[0]["after"][s], ref[s], ref[s - 1], f"L{num_layers} step {s}")
 
