@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import glob
 import io
 import json
@@ -123,8 +124,7 @@ class Hyperparameters:
     swa_lr_threshold: float = 0.2
     swa_weight: float = 0.3
     late_qat_frac: float = 0.85
-    # --- speed switches (issue 13; benchmarks/bench_train.py turns each off to measure it) ---
-    attn_backend: str = "auto"            # auto | fa3 | fa4 | cudnn | flash | efficient | math (see configure_attention)
+    attn_backend: str = "auto"            # speed switches (issue 13, bench_train.py): auto|fa3|fa4|cudnn|flash|...
     attn_gqa_native: bool = True          # 0: copy K/V heads up to the query heads before attention (the old path)
     bf16_residual: bool = True            # 0: keep the residual stream in float32 under autocast (the old path)
     complement_alpha: float = 0.5
@@ -603,80 +603,75 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa_nati
     return y.transpose(1, 2)
 
 
-def _fa3_attention(q, k, v):
-    out = _fa3_func(q, k, v, causal=True)
-    return out[0] if isinstance(out, tuple) else out
-
-
-_flash_kernel = _fa3_attention if _fa3_func is not None else None  # set by configure_attention
-SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # SDPA backends, fastest first on H100
+_flash_kernel = None  # a FlashAttention kernel (q, k, v) -> out in (B, T, heads, D), set by configure_attention
+SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # SDPA's backends, fastest first on H100
 _SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
 def flash_custom_op(name: str, fwd, bwd):
-    """A FlashAttention-style kernel pair as a torch.library custom op with autograd, so that
-    torch.compile(fullgraph=True) keeps it as one opaque node (FA4's autograd.Function alone does not
-    compile: flash-attention#2013). fwd(q, k, v) -> (out, lse (B, H, T) float32); bwd(q, k, v, out, dout,
-    lse) -> (dq, dk, dv); tensors (B, T, heads, D), causal. Returns attention(q, k, v) -> out."""
+    """A FlashAttention kernel pair as a torch.library custom op with autograd, so that compile(fullgraph)
+    keeps it as one opaque node (FA4's own autograd.Function does not compile: flash-attention#2013).
+    fwd(q, k, v) -> (out, lse (B, H, T) fp32); bwd(q, k, v, out, dout, lse) -> (dq, dk, dv); causal."""
     @torch.library.custom_op(f"golf::{name}", mutates_args=())
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = fwd(q, k, v)
-        return out.contiguous(), lse.contiguous()
+        return tuple(t.contiguous() for t in fwd(q, k, v))
 
     @torch.library.custom_op(f"golf::{name}_bwd", mutates_args=())
     def attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
                  lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(g.contiguous() for g in bwd(q, k, v, out, dout.contiguous(), lse))
 
-    attn.register_fake(lambda q, k, v: (q.new_empty(q.shape), q.new_empty(q.size(0), q.size(2), q.size(1),
-                                                                           dtype=torch.float32)))
-    attn_bwd.register_fake(lambda q, k, v, *rest: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)))
+    attn.register_fake(lambda q, k, v: (q.new_empty(q.shape), q.new_empty(q.size(0), q.size(2), q.size(1)).float()))
+    attn_bwd.register_fake(lambda q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)))
     attn.register_autograd(lambda ctx, dout, _: attn_bwd(*ctx.saved_tensors[:4], dout, ctx.saved_tensors[4]),
                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
     return lambda q, k, v: attn(q, k, v)[0]
 
 
+@functools.cache
 def _fa4_kernel():
     from flash_attn.cute import interface as fa4  # optional: pip install --pre flash-attn-4
     return flash_custom_op("fa4", lambda q, k, v: fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True),
                            lambda q, k, v, o, do, lse: fa4._flash_attn_bwd(q, k, v, o, do, lse, causal=True))
 
 
+def _fa3_kernel():
+    return lambda q, k, v: (lambda out: out[0] if isinstance(out, tuple) else out)(_fa3_func(q, k, v, causal=True))
+
+
 def configure_attention(hp: Hyperparameters, d: Dist) -> str:
     """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3
     if installed, else FA4, else SDPA with its backend order set explicitly to cuDNN > flash > efficient >
-    math (torch 2.9 tries FA2 first on H100, 1.7-2.3x slower than cuDNN there: GPU_SPEED.md §3).
-    ATTN_BACKEND names one kernel to force it. For SDPA the name is SDPA's own choice for the training
-    shapes (`torch._fused_sdp_choice`, the function its dispatch uses), i.e. the kernel that runs."""
+    math (torch 2.9 tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3). ATTN_BACKEND
+    forces one. For SDPA the name is its own choice for the training shapes (`_fused_sdp_choice`, what
+    its dispatch calls), i.e. the kernel that runs."""
     global _flash_kernel
-    want, dtype = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32
+    want, dtype, _flash_kernel = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, None
     q = torch.randn(1, hp.train_seq_len, hp.num_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
     kv = torch.randn(1, hp.train_seq_len, hp.num_kv_heads, hp.head_dim, device=d.device, dtype=dtype)
-    _flash_kernel = None
-    for name, make in (("fa3", lambda: _fa3_func and _fa3_attention), ("fa4", _fa4_kernel)):
+    for name, make in (("fa3", _fa3_kernel), ("fa4", _fa4_kernel)):
         if d.is_cuda and want in ("auto", name):
             try:
-                make()(q, kv, kv).sum().backward()  # raises if missing or unable to run these shapes
-                _flash_kernel = make()
+                kernel = make()
+                kernel(q, kv, kv).sum().backward()  # raises if not installed or unable to run these shapes
+                _flash_kernel = kernel
                 return name
-            except Exception as e:  # noqa: BLE001  (any failure of an optional kernel means: not this one)
+            except Exception as e:  # noqa: BLE001  any failure of an optional kernel means: not this one
                 if want == name:
                     raise GolfError(f"ATTN_BACKEND={name}: cannot run here ({type(e).__name__}: {e})") from None
+    order = [int(getattr(SDPBackend, _SDPA_ENUM[b])) for b in SDPA_ORDER]
     if d.is_cuda:
-        allowed = SDPA_ORDER if want == "auto" else (want,)
         for b, flag in zip(SDPA_ORDER, ("cudnn", "flash", "mem_efficient", "math")):
-            getattr(torch.backends.cuda, f"enable_{flag}_sdp")(b in allowed)
-        if hasattr(torch._C, "_set_sdp_priority_order"):  # torch >= 2.6
-            order = [int(getattr(SDPBackend, _SDPA_ENUM[b])) for b in SDPA_ORDER]
+            getattr(torch.backends.cuda, f"enable_{flag}_sdp")(want in ("auto", b))
+        if hasattr(torch._C, "_set_sdp_priority_order"):  # torch >= 2.6 (without it SDPA tries flash first)
             torch._C._set_sdp_priority_order(order + [b for b in torch._C._get_sdp_priority_order() if b not in order])
     if not hp.attn_gqa_native:
         kv = kv.repeat_interleave(hp.num_heads // hp.num_kv_heads, dim=2)
     choice = torch._fused_sdp_choice(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), is_causal=True,
                                      enable_gqa=q.size(2) != kv.size(2))
-    names = {int(getattr(SDPBackend, e)): b for b, e in _SDPA_ENUM.items()}
-    if choice not in names:
-        raise GolfError(f"ATTN_BACKEND={want}: no SDPA backend can run these shapes here (choice {choice})")
-    return f"sdpa_{names[choice]}" + ("" if hp.attn_gqa_native else "_expanded_kv")
+    if choice not in order:
+        raise GolfError(f"ATTN_BACKEND={want}: no attention kernel can run the training shapes here")
+    return f"sdpa_{SDPA_ORDER[order.index(choice)]}" + ("" if hp.attn_gqa_native else "_expanded_kv")
 
 
 class LoRA(nn.Module):
@@ -877,10 +872,8 @@ class GPT(nn.Module):
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, D, hp.mlp_hidden))
         with torch.no_grad():
             for i in range(L):
-                nn.init.orthogonal_(self.qo_bank[i])
-                nn.init.orthogonal_(self.kv_bank[i])
-                nn.init.orthogonal_(self.kv_bank[L + i])
-                nn.init.orthogonal_(self.mlp_up_bank[i])
+                for W in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
+                    nn.init.orthogonal_(W)
                 self.qo_bank[L + i].zero_()  # output projections start at zero
 
     def layer_weights(self, banks: dict, i: int) -> dict:
@@ -1012,8 +1005,7 @@ class ParallelMuon(torch.optim.Optimizer):
             if self.d.world_size == 1:
                 self._pending.append((p.grad, None))
                 continue
-            flat = torch.zeros((per_rank * self.d.world_size,) + p.shape[1:], device=p.device, dtype=torch.bfloat16)
-            flat[:p.size(0)] = p.grad
+            flat = F.pad(p.grad.bfloat16(), (0, 0, 0, 0, 0, per_rank * self.d.world_size - p.size(0)))
             out = torch.empty((per_rank,) + p.shape[1:], device=p.device, dtype=torch.bfloat16)
             self._pending.append((out, _reduce_scatter(out, flat, op=dist.ReduceOp.AVG, async_op=True)))
 
@@ -1048,8 +1040,7 @@ class ParallelMuon(torch.optim.Optimizer):
             buf.mul_(mu).add_(g)
             update, work = zeropower_via_newtonschulz5(g + mu * buf, group["backend_steps"]), None  # Nesterov, bf16
             if self.d.world_size > 1:
-                send = torch.zeros((per_rank,) + p.shape[1:], device=p.device, dtype=update.dtype)
-                send[:hi - lo] = update
+                send = F.pad(update, (0, 0, 0, 0, 0, per_rank - (hi - lo)))
                 update = torch.empty((per_rank * self.d.world_size,) + p.shape[1:], device=p.device, dtype=update.dtype)
                 work, lo, hi = _all_gather(update, send, async_op=True), 0, p.size(0)
             updates.append((group, p, update, lo, hi, work))
@@ -2179,6 +2170,7 @@ def main() -> None:
     luts = build_byte_luts(sp, hp.vocab_size).to(d.device)
     val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size)
     log(f"data: val_tokens:{val_tokens.numel()} label:{hp.data_label}")
+    attention = configure_attention(hp, d)  # before anything is compiled: a compiled graph bakes the kernel in
     if hp.eval_only:  # reproduce a score from an artifact: no training data is touched
         integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
         return
@@ -2190,7 +2182,6 @@ def main() -> None:
     torch.manual_seed(hp.seed)
     model = GPT(hp).to(d.device)
     muon, adam, replicated = build_optimizers(model, hp, d)
-    attention = configure_attention(hp, d)  # before compiling: the compiled graph bakes the kernel in
     step_fn = torch.compile(model, dynamic=False, fullgraph=attention != "fa3") if d.is_cuda else model
     log(f"model: params:{sum(p.numel() for p in model.parameters())} layers:{hp.num_layers} dim:{hp.model_dim} "
         f"encoder_layers:{hp.num_encoder_layers} xsa_layers:{hp.xsa_last_n} ve_layers:{hp.ve_last_n} "
