@@ -84,6 +84,9 @@ def check_attention(d: tg.Dist, hp: tg.Hyperparameters, rep: Report) -> None:
                 results[f"{name}{'' if native else '+copied_kv'}"] = time_attention(d, q, k, v, native, backend)
     finally:
         tg._flash_kernel = flash
+        del q, k, v
+        if d.is_cuda:
+            torch.cuda.empty_cache()  # the training variants run in other processes on the same GPU
     rep.row("attention kernel chosen", chosen)
     rep.row("attention fwd+bwd, one layer", f"B={B} T={T} heads {hp.num_heads}/{hp.num_kv_heads}: " +
             "; ".join(f"{k}={v}" for k, v in results.items()))
