@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import glob
 import io
 import json
@@ -47,8 +48,9 @@ import torch._dynamo  # noqa: F401  loaded before init_process_group: if it is f
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
-try:  # FlashAttention-3 is optional: SDPA (flash backend on Hopper) is the default path.
+try:  # FlashAttention-3 is optional (see configure_attention)
     from flash_attn_interface import flash_attn_func as _fa3_func
 except ImportError:
     _fa3_func = None
@@ -123,6 +125,9 @@ class Hyperparameters:
     swa_lr_threshold: float = 0.2
     swa_weight: float = 0.3
     late_qat_frac: float = 0.85
+    attn_backend: str = "auto"            # speed switches (issue 13, bench_train.py): auto|fa3|fa4|cudnn|flash|...
+    attn_gqa_native: bool = True          # 0: copy K/V heads up to the query heads before attention (the old path)
+    bf16_residual: bool = True            # 0: keep the residual stream in float32 under autocast (the old path)
     complement_alpha: float = 0.5
     val_loss_every: int = 4000            # 0 = only at the end
     val_batch_tokens: int = 524288
@@ -222,6 +227,8 @@ class Hyperparameters:
              "EXPORT_RESERVE_SECONDS",
              "must be smaller than MAX_WALLCLOCK_SECONDS")
         need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
+        need(self.attn_backend in ("auto", "fa3", "fa4") + SDPA_ORDER, "ATTN_BACKEND",
+             f"must be auto, fa3, fa4 or one of {SDPA_ORDER}")
         need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
         for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum",
                     "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
@@ -470,12 +477,14 @@ def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
 
 class TokenStream:
     """Reads the train shards in order, forever; `take(n)` returns the next n tokens. With vocab_size,
-    every shard's ids are checked against it when the shard is loaded."""
+    every shard's ids are checked against it when the shard is loaded. The next shard is read and checked
+    in a background thread while this one is consumed (0.1-0.4 s per shard, off the training step)."""
 
     def __init__(self, data_path: str, vocab_size: int | None = None):
         self.files, self.vocab_size = shard_files(data_path, "train"), vocab_size
         self.file_idx, self.pos = 0, 0
-        self.tokens = self._load(0)
+        self.prefetch = ThreadPoolExecutor(1)  # its thread ends when the stream is garbage-collected
+        self.tokens, self.next = self._load(0), self.prefetch.submit(self._load, 1 % len(self.files))
 
     def _load(self, i: int) -> torch.Tensor:
         tokens = load_data_shard(self.files[i])
@@ -488,7 +497,8 @@ class TokenStream:
         while n > 0:
             if self.pos >= self.tokens.numel():
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = self._load(self.file_idx), 0
+                self.tokens, self.pos = self.next.result(), 0  # a bad shard raises here, when it is needed
+                self.next = self.prefetch.submit(self._load, (self.file_idx + 1) % len(self.files))
             piece = self.tokens[self.pos:self.pos + n]
             parts.append(piece)
             self.pos += piece.numel()
@@ -509,7 +519,9 @@ class DistributedTokenLoader:
     def next_batch(self, micro_tokens: int, seq_len: int):
         chunk = torch.cat([self.carry, self.stream.take(micro_tokens)])
         self.carry = chunk[-1:]
-        tokens = chunk.to(self.d.device, dtype=torch.int64, non_blocking=True)
+        if self.d.is_cuda:  # a copy from pageable memory blocks the host; from pinned memory it is async. The
+            chunk = chunk.pin_memory()  # pinned-block cache reuses a buffer only once its copy is done
+        tokens = chunk.to(self.d.device, non_blocking=True).long()
         n = micro_tokens // self.d.world_size
         local = tokens[self.d.rank * n:(self.d.rank + 1) * n + 1]
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), tokens
@@ -584,7 +596,8 @@ INT5_QMAX = 15            # int5 grid: integers -15..15 with a per-row scale
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """RMSNorm without a weight; the reduction in float32 whatever the activations' dtype."""
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -603,17 +616,88 @@ def fake_quant_int5(W: torch.Tensor) -> torch.Tensor:
     return Wq.to(W.dtype) + (W - W.detach())  # value exactly Wq; gradient exactly identity
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim:
-    FlashAttention-3 when it is installed and we are on CUDA, else PyTorch SDPA (flash backend on GPU)."""
-    if _fa3_func is not None and q.is_cuda:
-        out = _fa3_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
-        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
-    if q.size(2) != k.size(2):  # SDPA's enable_gqa falls back to the math kernel: expand KV heads instead
-        k = k.repeat_interleave(q.size(2) // k.size(2), dim=2)
-        v = v.repeat_interleave(q.size(2) // v.size(2), dim=2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa_native: bool = True) -> torch.Tensor:
+    """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim: the
+    FlashAttention kernel picked by `configure_attention` on CUDA, else PyTorch SDPA with native GQA (each
+    KV head serves its query heads without being copied; gqa_native=False copies them, the old path)."""
+    if _flash_kernel is not None and q.is_cuda:
+        return _flash_kernel(q.bfloat16(), k.bfloat16(), v.bfloat16()).to(q.dtype)
+    if not gqa_native:
+        k, v = (t.repeat_interleave(q.size(2) // t.size(2), dim=2) for t in (k, v))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
+
+
+_flash_kernel = None  # a FlashAttention kernel (q, k, v) -> out in (B, T, heads, D), set by configure_attention
+SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # SDPA's backends, fastest first on H100
+_SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def flash_custom_op(name: str, fwd, bwd):
+    """A FlashAttention kernel pair as a torch.library custom op with autograd, so that compile(fullgraph)
+    keeps it as one opaque node (FA4's own autograd.Function does not compile: flash-attention#2013).
+    fwd(q, k, v) -> (out, lse (B, H, T) fp32); bwd(q, k, v, out, dout, lse) -> (dq, dk, dv); causal."""
+    @torch.library.custom_op(f"golf::{name}", mutates_args=())
+    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.contiguous() for t in fwd(q, k, v))
+
+    @torch.library.custom_op(f"golf::{name}_bwd", mutates_args=())
+    def attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(g.contiguous() for g in bwd(q, k, v, out, dout.contiguous(), lse))
+
+    attn.register_fake(lambda q, k, v: (q.new_empty(q.shape), q.new_empty(q.size(0), q.size(2), q.size(1)).float()))
+    attn_bwd.register_fake(lambda q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)))
+    attn.register_autograd(lambda ctx, dout, _: attn_bwd(*ctx.saved_tensors[:4], dout, ctx.saved_tensors[4]),
+                           setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
+    return lambda q, k, v: attn(q, k, v)[0]
+
+
+@functools.cache
+def _fa4_kernel():
+    from flash_attn.cute import interface as fa4  # optional: pip install --pre flash-attn-4
+    return flash_custom_op("fa4", lambda q, k, v: fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True),
+                           lambda q, k, v, o, do, lse: fa4._flash_attn_bwd(q, k, v, o, do, lse, causal=True))
+
+
+def _fa3_kernel():
+    return lambda q, k, v: (lambda out: out[0] if isinstance(out, tuple) else out)(_fa3_func(q, k, v, causal=True))
+
+
+def configure_attention(hp: Hyperparameters, d: Dist) -> str:
+    """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3
+    if installed, else FA4, else SDPA with its backend order set explicitly to cuDNN > flash > efficient >
+    math (torch 2.9 tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3). ATTN_BACKEND
+    forces one. For SDPA the name is its own choice for the training shapes (`_fused_sdp_choice`, what
+    its dispatch calls), i.e. the kernel that runs."""
+    global _flash_kernel
+    want, dtype, _flash_kernel = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, None
+    q = torch.randn(1, hp.train_seq_len, hp.num_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
+    kv = torch.randn(1, hp.train_seq_len, hp.num_kv_heads, hp.head_dim, device=d.device, dtype=dtype)
+    for name, make in (("fa3", _fa3_kernel), ("fa4", _fa4_kernel)):
+        if d.is_cuda and want in ("auto", name):
+            try:
+                kernel = make()
+                kernel(q, kv, kv).sum().backward()  # raises if not installed or unable to run these shapes
+                _flash_kernel = kernel
+                return name
+            except Exception as e:  # noqa: BLE001  any failure of an optional kernel means: not this one
+                if want == name:
+                    raise GolfError(f"ATTN_BACKEND={name}: cannot run here ({type(e).__name__}: {e})") from None
+    order = [int(getattr(SDPBackend, _SDPA_ENUM[b])) for b in SDPA_ORDER]
+    if d.is_cuda:
+        for b, flag in zip(SDPA_ORDER, ("cudnn", "flash", "mem_efficient", "math")):
+            getattr(torch.backends.cuda, f"enable_{flag}_sdp")(want in ("auto", b))
+        if hasattr(torch._C, "_set_sdp_priority_order"):  # torch >= 2.6 (without it SDPA tries flash first)
+            torch._C._set_sdp_priority_order(order + [b for b in torch._C._get_sdp_priority_order() if b not in order])
+    if not hp.attn_gqa_native:
+        kv = kv.repeat_interleave(hp.num_heads // hp.num_kv_heads, dim=2)
+    choice = torch._fused_sdp_choice(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), is_causal=True,
+                                     enable_gqa=q.size(2) != kv.size(2))
+    if choice not in order:
+        raise GolfError(f"ATTN_BACKEND={want}: no attention kernel can run the training shapes here")
+    return f"sdpa_{SDPA_ORDER[order.index(choice)]}" + ("" if hp.attn_gqa_native else "_expanded_kv")
 
 
 class LoRA(nn.Module):
@@ -675,6 +759,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         L = hp.num_layers
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        self.gqa_native = hp.attn_gqa_native
         self.c_q, self.c_k, self.c_v, self.c_proj = MatrixSlot(), MatrixSlot(), MatrixSlot(), MatrixSlot()
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
@@ -703,10 +788,11 @@ class CausalSelfAttention(nn.Module):
             v = lam[0] * v0 + lam[1] * v
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v)  # (B, T, H, D)
-        if self.use_xsa:  # remove each head's component along its own position's (normalized) value
-            vn = F.normalize(v, dim=-1).repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
-            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        y = causal_attention(q, k, v, self.gqa_native)  # (B, T, H, D)
+        if self.use_xsa:  # remove each head's component along its own position's (normalized) value; query
+            y = y.unflatten(2, (self.num_kv_heads, -1))  # heads grouped by KV head: no copies of v (PR #549 line)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)  # (B, T, Hkv, 1, D)
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).flatten(2, 3)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x).float()).to(y.dtype)[..., None]  # gate (B, T, H)
         return self.c_proj(y.reshape(B, T, -1), Wo), v0
@@ -812,10 +898,8 @@ class GPT(nn.Module):
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, D, hp.mlp_hidden))
         with torch.no_grad():
             for i in range(L):
-                nn.init.orthogonal_(self.qo_bank[i])
-                nn.init.orthogonal_(self.kv_bank[i])
-                nn.init.orthogonal_(self.kv_bank[L + i])
-                nn.init.orthogonal_(self.mlp_up_bank[i])
+                for W in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
+                    nn.init.orthogonal_(W)
                 self.qo_bank[L + i].zero_()  # output projections start at zero
 
     def layer_weights(self, banks: dict, i: int) -> dict:
@@ -829,6 +913,9 @@ class GPT(nn.Module):
         if qat:
             banks = {name: fake_quant_int5(W) for name, W in banks.items()}
         x = self.tok_emb(idx) if self.bigram is None else self.tok_emb(idx) + self.bigram(idx)
+        dev = idx.device.type  # under autocast the residual stream is bf16 too (BF16_RESIDUAL): it halves the
+        # memory-bound half of the step (issue 13); weights, optimizer state, norms' reductions, loss stay fp32
+        x = x.to(torch.get_autocast_dtype(dev) if self.hp.bf16_residual and torch.is_autocast_enabled(dev) else x.dtype)
         x = rms_norm(x) if self.smear is None else self.smear(rms_norm(x))
         x0, v0, skips = x, None, []
         ve = self.ve(idx) if self.ve is not None else None
@@ -935,6 +1022,8 @@ class ParallelMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def launch_reduce_scatter(self) -> None:
+        """Average each bank's gradient onto its owners, in bf16 (half the bytes of fp32; Newton-Schulz
+        runs in bf16 anyway). Rows are padded to a multiple of the world size."""
         self._pending = []
         for group in self.param_groups:
             p = group["params"][0]
@@ -942,20 +1031,19 @@ class ParallelMuon(torch.optim.Optimizer):
             if self.d.world_size == 1:
                 self._pending.append((p.grad, None))
                 continue
-            flat = torch.zeros((per_rank * self.d.world_size,) + p.shape[1:], device=p.device, dtype=p.grad.dtype)
-            flat[:p.size(0)] = p.grad
-            out = torch.empty((per_rank,) + p.shape[1:], device=p.device, dtype=p.grad.dtype)
-            work = _reduce_scatter(out, flat, op=dist.ReduceOp.AVG, async_op=True)
-            self._pending.append((out, work))
+            flat = F.pad(p.grad.bfloat16(), (0, 0, 0, 0, 0, per_rank * self.d.world_size - p.size(0)))
+            out = torch.empty((per_rank,) + p.shape[1:], device=p.device, dtype=torch.bfloat16)
+            self._pending.append((out, _reduce_scatter(out, flat, op=dist.ReduceOp.AVG, async_op=True)))
 
     @torch.no_grad()
     def wait_reduce_scatter(self) -> list:
+        """This rank's averaged gradient shards, float32."""
         grads = []
         for (g, work), group in zip(self._pending, self.param_groups):
             if work is not None:
                 work.wait()
             _, lo, hi = self._shard(group["params"][0])
-            grads.append(g[:hi - lo] if work is not None else g)
+            grads.append(g[:hi - lo].float() if work is not None else g)
         return grads
 
     @torch.no_grad()
@@ -964,7 +1052,9 @@ class ParallelMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, grads: list, clip_coef: torch.Tensor) -> None:
-        gathers = []
+        """Owners orthogonalize their shards; the bf16 updates are all-gathered (overlapping the next bank's
+        Newton-Schulz) and every rank applies all of them to its fp32 copy, identically everywhere."""
+        updates = []
         for group, g in zip(self.param_groups, grads):
             p = group["params"][0]
             per_rank, lo, hi = self._shard(p)
@@ -974,19 +1064,18 @@ class ParallelMuon(torch.optim.Optimizer):
             buf, mu = state["momentum_buffer"], group["momentum"]
             g = g * clip_coef
             buf.mul_(mu).add_(g)
-            update = zeropower_via_newtonschulz5(g + mu * buf, group["backend_steps"])  # Nesterov
-            update = update.to(p.dtype) * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
-            lr = (group["lrs"][lo:hi] * group["lr_mult"]).view(-1, 1, 1)
-            shard = p[lo:hi]
-            shard.mul_(1 - lr * group["weight_decay"]).sub_(lr * update)  # decoupled weight decay
+            update, work = zeropower_via_newtonschulz5(g + mu * buf, group["backend_steps"]), None  # Nesterov, bf16
             if self.d.world_size > 1:
-                send = torch.zeros((per_rank,) + p.shape[1:], device=p.device, dtype=p.dtype)
-                send[:hi - lo] = shard
-                full = torch.empty((per_rank * self.d.world_size,) + p.shape[1:], device=p.device, dtype=p.dtype)
-                gathers.append((p, full, _all_gather(full, send, async_op=True)))
-        for p, full, work in gathers:  # the gathers overlapped with the next banks' Newton-Schulz
-            work.wait()
-            p.copy_(full[:p.size(0)])
+                send = F.pad(update, (0, 0, 0, 0, 0, per_rank - (hi - lo)))
+                update = torch.empty((per_rank * self.d.world_size,) + p.shape[1:], device=p.device, dtype=update.dtype)
+                work, lo, hi = _all_gather(update, send, async_op=True), 0, p.size(0)
+            updates.append((group, p, update, lo, hi, work))
+        for group, p, update, lo, hi, work in updates:
+            if work is not None:
+                work.wait()
+            lr = (group["lrs"][lo:hi] * group["lr_mult"]).view(-1, 1, 1)
+            update = update[:hi - lo].to(p.dtype) * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
+            p[lo:hi].mul_(1 - lr * group["weight_decay"]).sub_(lr * update)  # decoupled weight decay
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
@@ -1009,12 +1098,19 @@ def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
     return muon, adam, embeds + scalars
 
 
-def all_reduce_grads(params: list, op: str = "avg") -> None:
-    """One flat all-reduce for all replicated parameters' gradients."""
+def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
+    """One flat all-reduce for all replicated parameters' gradients. wait=False returns at once with a
+    function that waits and copies the result back: the reduction runs while the caller does other work."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None if wait else (lambda: None)
     grads = [p.grad for p in params]
-    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), op)
-    pieces = flat.split([g.numel() for g in grads])
-    torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(pieces, grads)])
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    work = dist.all_reduce(flat, op=dist.ReduceOp.AVG if op == "avg" else dist.ReduceOp.SUM, async_op=True)
+
+    def finish() -> None:
+        work.wait()
+        torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    return finish() if wait else finish
 
 
 # =====================================================================================================
@@ -1094,11 +1190,12 @@ class Trainer:
                 loss = self.step_fn(x, y, weights, qat)
             (loss / accum).backward()
             total += loss.detach()
-        if counter is not None:  # once per step, so the weights do not depend on WORLD_SIZE
-            counter.update(seen)
         self.muon.launch_reduce_scatter()
-        all_reduce_grads(self.replicated)  # overlaps with the banks' reduce-scatter
+        finish_replicated = all_reduce_grads(self.replicated, wait=False)  # in flight with the reduce-scatters
+        if counter is not None:  # once per step, so the weights do not depend on WORLD_SIZE; runs during the
+            counter.update(seen)  # communication above
         grads = self.muon.wait_reduce_scatter()
+        finish_replicated()
         clip = torch.ones((), device=self.d.device)
         if hp.grad_clip_norm > 0:
             sq = all_reduce(self.muon.owned_grad_sq_norm(grads)) + \
@@ -1129,17 +1226,18 @@ class WeightAverager:
     snapshot every SWA_EVERY steps. Final = (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * mean(snapshots)."""
 
     def __init__(self, model: GPT, hp: Hyperparameters):
-        self.hp, self.params = hp, [p for p in model.parameters()]
-        self.ema = [p.detach().float().clone() for p in self.params]
+        self.hp, self.params = hp, [p.detach() for p in model.parameters()]  # views: follow in-place updates
+        self.ema = [p.float().clone() for p in self.params]
         self.swa, self.swa_count = None, 0
 
     @torch.no_grad()
     def update(self, step: int, lr_mult: float) -> None:
-        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - self.hp.ema_decay)
+        """One fused multi-tensor lerp per step (parameters are float32, so no casts or copies)."""
+        torch._foreach_lerp_(self.ema, self.params, 1.0 - self.hp.ema_decay)
         if lr_mult < self.hp.swa_lr_threshold and step % self.hp.swa_every == 0:
             if self.swa is None:
                 self.swa = [torch.zeros_like(e) for e in self.ema]
-            torch._foreach_add_(self.swa, [p.detach().float() for p in self.params])
+            torch._foreach_add_(self.swa, self.params)
             self.swa_count += 1
 
     @torch.no_grad()
@@ -2243,6 +2341,7 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
     luts = build_byte_luts(sp, hp.vocab_size).to(d.device)
     val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size)
     log(f"data: val_tokens:{val_tokens.numel()} label:{hp.data_label}")
+    attention = configure_attention(hp, d)  # before anything is compiled: a compiled graph bakes the kernel in
     if hp.eval_only:  # reproduce a score from an artifact: no training data is touched
         final = integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
         status.update(val_bpb=final.mixed_bpb, problems=final.problems)
@@ -2259,10 +2358,10 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
     torch.manual_seed(hp.seed)
     model = GPT(hp).to(d.device)
     muon, adam, replicated = build_optimizers(model, hp, d)
-    step_fn = torch.compile(model, dynamic=False, fullgraph=_fa3_func is None) if d.is_cuda else model
+    step_fn = torch.compile(model, dynamic=False, fullgraph=attention != "fa3") if d.is_cuda else model
     log(f"model: params:{sum(p.numel() for p in model.parameters())} layers:{hp.num_layers} dim:{hp.model_dim} "
         f"encoder_layers:{hp.num_encoder_layers} xsa_layers:{hp.xsa_last_n} ve_layers:{hp.ve_last_n} "
-        f"attention:{'fa3' if _fa3_func is not None and d.is_cuda else 'sdpa'} compiled:{d.is_cuda}")
+        f"attention:{attention} bf16_residual:{hp.bf16_residual and d.is_cuda} compiled:{d.is_cuda}")
     log(f"optimizer: parallel_muon banks:{','.join(f'{n}{tuple(getattr(model, n).shape)}' for n in BANKS)} "
         f"world_size:{d.world_size} grad_accum:{8 // d.world_size} adamw_params:{sum(p.numel() for p in replicated)} "
         f"complement_alpha:{hp.complement_alpha} late_qat_frac:{hp.late_qat_frac}")

@@ -356,3 +356,32 @@ def test_token_stream_single_short_shard_wraps_within_one_take(tmp_path):
     ts = tg.TokenStream(str(tmp_path))
     assert ts.take(100).tolist() == (list(range(37)) * 3)[:100]
     assert ts.take(5).tolist() == [26, 27, 28, 29, 30]
+
+
+def test_next_shard_is_read_in_the_background_and_the_stream_is_unchanged(train_dir, monkeypatch):
+    """Only the first shard is read on the caller's thread; every later one is read (and checked) by the
+    prefetch thread while the previous one is consumed. The tokens are exactly the shards in order."""
+    import threading
+    path, stream = train_dir
+    readers = []
+    load = tg.TokenStream._load
+
+    def spy(self, i):
+        readers.append((i, threading.current_thread() is threading.main_thread()))
+        return load(self, i)
+    monkeypatch.setattr(tg.TokenStream, "_load", spy)
+    ts = tg.TokenStream(str(path))
+    got = torch.cat([ts.take(n) for n in (999, 2, 36, 2500, 1, 3000)]).numpy()
+    np.testing.assert_array_equal(got, np.concatenate([stream] * 3)[:len(got)])
+    assert readers[0] == (0, True) and len(readers) >= 5
+    assert all(not main for _, main in readers[1:])
+    assert [i for i, _ in readers[:6]] == [0, 1, 2, 0, 1, 2]  # in order, wrapping around
+
+
+def test_bad_later_shard_fails_when_reached_naming_it(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3] * 100)
+    write_shard(tmp_path / "fineweb_train_000001.bin", [4] * 50 + [1500])
+    ts = tg.TokenStream(str(tmp_path), V)
+    assert ts.take(300).tolist() == [1, 2, 3] * 100  # the prefetch already failed; nothing raised yet
+    with pytest.raises(tg.GolfError, match="fineweb_train_000001.bin"):
+        ts.take(1)

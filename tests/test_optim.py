@@ -207,7 +207,9 @@ def test_parallel_muon_two_gloo_ranks_match_reference(muon_two_ranks, num_layers
     assert_weight_decay_step(recs[0]["after"][0], recs[0]["init"], hp, f"L{num_layers} zero-gradient step")
     avg = [{n: (recs[0]["grads"][s][n] + recs[1]["grads"][s][n]) / 2 for n in tg.BANKS} for s in range(n_steps)]
     # the reduce-scatter hands each rank the AVERAGE gradient of the whole matrices it owns: ceil(N / 2)
-    # for rank 0, the rest for rank 1; the owned squared norms add up to the global one (gradient clip)
+    # for rank 0, the rest for rank 1; the owned squared norms add up to the global one (gradient clip).
+    # It communicates in bf16 (issue 13): each element is within 2^-7 of the mean magnitude of its two
+    # inputs (bf16 rounds to 2^-9 relative, at most three roundings on the way: inputs and result).
     for s in range(1, n_steps):
         total_sq = 0.0
         for n in tg.BANKS:
@@ -215,12 +217,18 @@ def test_parallel_muon_two_gloo_ranks_match_reference(muon_two_ranks, num_layers
             per = -(-N // 2)
             owned = [recs[0]["shard_grads"][s][n], recs[1]["shard_grads"][s][n]]
             assert owned[0].shape[0] == per and owned[1].shape[0] == N - per, n
-            assert torch.allclose(torch.cat(owned), avg[s][n], rtol=1e-6, atol=1e-7), n
+            scale = (recs[0]["grads"][s][n].abs() + recs[1]["grads"][s][n].abs()) / 2
+            assert torch.all((torch.cat(owned) - avg[s][n]).abs() <= 2 ** -7 * scale), n
+            assert not torch.equal(torch.cat(owned), avg[s][n])  # really bf16 on the wire (not fp32)
             total_sq += float(avg[s][n].square().sum())
-        assert recs[0]["owned_sq_norm"][s] + recs[1]["owned_sq_norm"][s] == pytest.approx(total_sq, rel=1e-5)
+        assert recs[0]["owned_sq_norm"][s] + recs[1]["owned_sq_norm"][s] == pytest.approx(total_sq, rel=1e-2)
     mu = hp.muon_momentum_warmup_start  # build_optimizers' initial momentum
     clips = (1.0, 1.0, 0.7)  # _muon_worker.CLIPS
-    ref = ref_muon(recs[0]["init"], avg, clips, hp, (mu,) * n_steps, (1.0,) * n_steps)
+    # the reference is fed the averaged gradient as it arrived (bf16-rounded, checked against the exact
+    # average above), so what is compared here is the optimizer's arithmetic and the update all-gather
+    wire = [{n: torch.cat([recs[0]["shard_grads"][s][n], recs[1]["shard_grads"][s][n]]) for n in tg.BANKS}
+            for s in range(n_steps)]
+    ref = ref_muon(recs[0]["init"], wire, clips, hp, (mu,) * n_steps, (1.0,) * n_steps)
     for s in (1, 2):
         assert_banks_close(recs[0]["after"][s], ref[s], ref[s - 1], f"L{num_layers} step {s}")
 
@@ -559,3 +567,55 @@ def test_ema_and_swa():
     avg2.apply_final()
     for p, e in zip(model2.parameters(), ema2):
         assert torch.allclose(p, e, atol=1e-6)
+# -----------------------------------------------------------------------------------------------------
+# No host synchronization inside a training step (issue 13)
+# -----------------------------------------------------------------------------------------------------
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__")
+
+
+def record_host_reads(monkeypatch) -> list:
+    """Every Tensor -> Python value read made by train_gpt.py code on the main thread: on CUDA each one
+    waits for the GPU (a host sync). Reads in the loader's prefetch thread are off the critical path."""
+    import threading
+    calls = []
+    for name in HOST_READS:
+        def guard(self, *args, _orig=getattr(torch.Tensor, name), _name=name, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename == tg.__file__ and threading.current_thread() is threading.main_thread():
+                calls.append(f"{_name} in {caller.f_code.co_name}:{caller.f_lineno}")
+            return _orig(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, guard)
+    return calls
+
+
+def test_training_step_reads_nothing_back_from_the_device(corpus, monkeypatch):
+    """Trainer.step (loader, bigram weights and counts, forward/backward, both optimizers, clipping) and
+    the EMA/SWA update never read a tensor value into Python; the guard does catch such a read."""
+    hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
+    trainer = make_trainer(hp)
+    loader = tg.DistributedTokenLoader(hp.data_path, trainer.d, hp.vocab_size)
+    counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, torch.device("cpu"))
+    averager = tg.WeightAverager(trainer.model, hp)
+    calls = record_host_reads(monkeypatch)
+    for step in range(1, 4):
+        loss = trainer.step(loader, counter, 0.1, 0.95, qat=step == 3)
+        averager.update(step, 0.1)  # lr_mult < SWA_LR_THRESHOLD: the SWA branch runs too
+    assert averager.swa_count >= 1
+    assert calls == [] and loss.dim() == 0
+    tg.any_rank(True, torch.device("cpu"))  # a read made by train_gpt.py (as on a logging step) is caught
+    assert calls and calls[0].startswith("item in any_rank")
+
+
+def test_step_path_source_has_no_host_reads():
+    """Inspection of every function a training step runs: no .item()/.tolist()/.cpu()/.numpy(), no
+    float()/int()/bool() of a tensor, no synchronize."""
+    import inspect
+    fns = [tg.Trainer.step, tg.DistributedTokenLoader.next_batch, tg.TokenStream.take, tg.BigramCounter.weights,
+           tg.BigramCounter.update, tg.ParallelMuon.launch_reduce_scatter, tg.ParallelMuon.wait_reduce_scatter,
+           tg.ParallelMuon.owned_grad_sq_norm, tg.ParallelMuon.step, tg.zeropower_via_newtonschulz5,
+           tg.all_reduce_grads, tg.WeightAverager.update, tg.causal_attention, tg.GPT.hidden, tg.GPT.forward]
+    pattern = re.compile(r"\.(item|tolist|cpu|numpy)\(|(?<![\w.])(float|int|bool)\(|synchronize|\bsync\(")
+    for fn in fns:
+        src = inspect.getsource(fn)
+        assert not pattern.search(src), (fn.__qualname__, pattern.search(src).group(0))

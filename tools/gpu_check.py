@@ -1,33 +1,35 @@
 """One-command check of the CUDA path: `./run.sh gpu-check` (or `python3 tools/gpu_check.py`).
 
-On a CUDA machine (about 8 minutes on one H100), with embedded-corpus tokens (no download):
-  1. attention: which SDPA backends run the model's GQA shapes in bf16, and their speed;
-  2. training: the submitted configuration (48 x 2048 tokens per micro-step, as each of 8 GPUs runs it),
-     compiled, >= 30 steps in each of the plain and late-QAT variants with EMA; ms per micro-step,
-     tokens/s, MFU estimate, peak memory, and how many graphs were compiled after the warm-up (must be 0);
+On a CUDA machine (under 7 minutes on one H100: the default --budget is 390 s, and every part starts
+only if its usual time is left), with synthetic or embedded-corpus tokens (no download):
+  1. attention: the kernel configure_attention picks, and every SDPA backend's forward + backward time on
+     one layer of the real micro-batch (48 x 2048, GQA 8/4 x 64, bf16), native GQA and with K/V copied;
+  2. training (benchmarks/bench_train.py, one process per variant): the submitted configuration as
+     committed, then each speed change switched off (fp32 residual, expanded K/V, FA2 forced, late QAT)
+     while the budget lasts: ms/step, tokens/s, MFU, peak memory, host syncs per step, attention kernels;
   3. export: Hessian calibration, GPTQ of every real-size matrix and LZMA serialization, timed;
-  4. evaluation: the integrated pass (n-gram + TTT) on >= 4M tokens, per-phase throughput, and the
-     projected time for the 62M-token validation set on 8 GPUs (assumptions printed with it).
-It ends with a table and writes logs/gpu_check_<gpu>.txt. Without CUDA it says so, runs the same steps
-on the CPU at a reduced size (clearly labelled), and exits 0.
+  4. evaluation (only with --eval on CUDA: ~90 s): the integrated pass on >= 4M tokens, projected to 8 GPUs.
+A part that fails prints its error and the rest still runs. It ends with a table and writes
+logs/gpu_check_<gpu>.txt. Without CUDA it says so, runs every part on the CPU at a reduced size (clearly
+labelled), and exits 0.
 """
 import argparse
 import dataclasses
-import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM; the MFU denominator
 VAL_TOKENS_FULL = 62_021_846  # FineWeb validation split with the 1024-piece tokenizer (SPEC §0: ~62.02M)
 CPU_CONFIG = dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, bigram_vocab_size=1024,
                   bigram_dim=64, ve_dim=64, xsa_last_n=2, train_seq_len=256, train_batch_tokens=8 * 4 * 256,
@@ -64,88 +66,62 @@ def corpus_dir() -> Path:
 
 
 def check_attention(d: tg.Dist, hp: tg.Hyperparameters, rep: Report) -> None:
+    """One layer's attention on the real micro-batch, forward + backward, per SDPA backend, native GQA and
+    with K/V heads copied; x NUM_LAYERS is the attention share of one micro-step."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    B, T = 4, hp.train_seq_len
+    B, T = (hp.train_batch_tokens // 8 // hp.train_seq_len if d.is_cuda else 4), hp.train_seq_len
     dtype = torch.bfloat16 if d.is_cuda else torch.float32
     q = torch.randn(B, T, hp.num_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
     k = torch.randn(B, T, hp.num_kv_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
-    results = {}
-    backends = [("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]
-    for name, backend in backends:
-        try:
-            ctx = sdpa_kernel([backend]) if backend is not None else torch.enable_grad()
-            with ctx:
-                for i in range(4):  # 1 warm-up + 3 timed
-                    if i == 1:
-                        tg.sync(d)
-                        t0 = time.perf_counter()
-                    tg.causal_attention(q, k, v).float().sum().backward()
-                tg.sync(d)
-            results[name] = f"{(time.perf_counter() - t0) / 3 * 1000:.2f}ms fwd+bwd"
-        except RuntimeError as e:
-            results[name] = f"unavailable ({str(e).splitlines()[0][:60]})"
-    shim = "fa3" if tg._fa3_func is not None and d.is_cuda else "sdpa"
-    rep.row("attention shim", f"{shim}; GQA {hp.num_heads}/{hp.num_kv_heads} heads, B={B} T={T}: " +
+    chosen = tg.configure_attention(hp, d)
+    results = {f"shim({chosen})": time_attention(d, q, k, v, True, None)}
+    flash, tg._flash_kernel = tg._flash_kernel, None  # time SDPA's backends even when FA3/FA4 was chosen
+    try:
+        for name in ("cudnn", "flash", "efficient") + (() if d.is_cuda else ("math",)):
+            for native in (True, False):
+                backend = getattr(SDPBackend, tg._SDPA_ENUM[name])
+                results[f"{name}{'' if native else '+copied_kv'}"] = time_attention(d, q, k, v, native, backend)
+    finally:
+        tg._flash_kernel = flash
+        del q, k, v
+        if d.is_cuda:
+            torch.cuda.empty_cache()  # the training variants run in other processes on the same GPU
+    rep.row("attention kernel chosen", chosen)
+    rep.row("attention fwd+bwd, one layer", f"B={B} T={T} heads {hp.num_heads}/{hp.num_kv_heads}: " +
             "; ".join(f"{k}={v}" for k, v in results.items()))
 
 
-def dynamo_graphs() -> int:
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
+def time_attention(d: tg.Dist, q, k, v, native: bool, backend) -> str:
+    from torch.nn.attention import sdpa_kernel
+    try:
+        with sdpa_kernel([backend]) if backend is not None else torch.enable_grad():
+            for i in range(6):  # 1 warm-up + 5 timed
+                if i == 1:
+                    tg.sync(d)
+                    t0 = time.perf_counter()
+                tg.causal_attention(q, k, v, native).float().sum().backward()
+            tg.sync(d)
+        return f"{(time.perf_counter() - t0) / 5 * 1000:.2f}ms"
+    except RuntimeError as e:
+        return f"unavailable({str(e).splitlines()[0][:50]})"
 
 
-def check_training(hp: tg.Hyperparameters, d: tg.Dist, rep: Report, steps: int) -> tg.GPT:
+def check_training(rep: Report, variants: list, steps: int, budget_s: float) -> None:
+    """benchmarks/bench_train.py's variants, each in its own process, while the budget lasts."""
+    for line in bench_train.run_variants(variants, steps, budget_s, 100.0 if torch.cuda.is_available() else 0.0, rep):
+        fields = dict(kv.split(":", 1) for kv in line[len("result: "):].split(" ") if ":" in kv)
+        rep.row(f"train {fields['variant']}", f"{fields['ms_per_step']} ms/micro-step (= ms/step on 8 GPUs), "
+                f"{fields['tok_s']} tok/s, MFU {fields['mfu']}, peak {fields['peak_mem_gib']} GiB, syncs/step "
+                f"{fields['syncs_per_step']}, attention {fields['attention']}, compile {fields['compile_s']}s, "
+                f"recompiles {fields['recompiles']}, kernels {fields['attention_kernels']}")
+
+
+def check_export(hp: tg.Hyperparameters, d: tg.Dist, rep: Report, world: int) -> Path:
+    """Calibration for one rank's share of GPTQ_N_SAMPLES (1/world), GPTQ of every matrix on this one
+    device (the real run spreads them over `world` ranks), and the rank-0 serialization; untrained weights."""
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp).to(d.device)
-    muon, adam, replicated = tg.build_optimizers(model, hp, d)
-    step_fn = torch.compile(model, dynamic=False, fullgraph=tg._fa3_func is None) if d.is_cuda else model
-    trainer = tg.Trainer(hp, d, model, step_fn, muon, adam, replicated)
-    t0 = time.perf_counter()
-    tg.warmup_and_restore(trainer, rep)
-    rep.row("compile warm-up", f"{time.perf_counter() - t0:.1f}s for {hp.warmup_steps} steps (plain + QAT variants), "
-                                f"{dynamo_graphs()} graphs compiled")
-    graphs_before = dynamo_graphs()
-    loader = tg.DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
-    counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, d.device)
-    averager = tg.WeightAverager(model, hp)
-    if d.is_cuda:
-        torch.cuda.reset_peak_memory_stats(d.device)
-    micro = hp.train_batch_tokens // trainer.grad_accum
-    for qat in (False, True):
-        trainer.step(loader, counter, 1.0, 0.95, qat)  # one untimed step per variant
-        tg.sync(d)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            loss = trainer.step(loader, counter, 1.0, 0.95, qat)
-            averager.update(i + 1, 1.0)
-        tg.sync(d)
-        dt = time.perf_counter() - t0
-        ms_micro = dt / (steps * trainer.grad_accum) * 1000
-        tok_s = steps * hp.train_batch_tokens / dt
-        rep.row(f"train {'late-QAT' if qat else 'plain'} (+EMA)",
-                f"{steps} steps x {trainer.grad_accum} micro-steps of {micro} tokens ({micro // hp.train_seq_len} x "
-                f"{hp.train_seq_len}): {ms_micro:.1f} ms/micro-step = ms/step on 8 GPUs, {tok_s / 1e6:.3f}M tokens/s, "
-                f"MFU {mfu(hp, model, tok_s) * 100:.1f}% of H100 bf16 peak, loss {loss.item():.3f}")
-    rep.row("recompiles after warm-up", str(dynamo_graphs() - graphs_before))
-    if d.is_cuda:
-        rep.row("peak memory (training)", f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB")
-    return model
-
-
-def mfu(hp: tg.Hyperparameters, model: tg.GPT, tokens_per_s: float) -> float:
-    """6 FLOPs per matmul parameter per token (fwd + bwd) for every block matrix, the tied head and the
-    projections, plus causal attention 6 * T * D per layer (QK^T and AV, half the square)."""
-    dense = sum(getattr(model, n).numel() for n in tg.BANKS) + hp.vocab_size * hp.model_dim \
-        + hp.bigram_dim * hp.model_dim + hp.ve_dim * hp.kv_dim
-    per_token = 6 * dense + 6 * hp.num_layers * hp.train_seq_len * hp.model_dim
-    return per_token * tokens_per_s / H100_BF16_PEAK
-
-
-def check_export(model: tg.GPT, hp: tg.Hyperparameters, d: tg.Dist, rep: Report, world: int) -> Path:
-    """Calibration for one rank's share of GPTQ_N_SAMPLES (1/world), GPTQ of every matrix on this one
-    device (the real run spreads them over `world` ranks), and the rank-0 serialization."""
     share = dataclasses.replace(hp, gptq_n_samples=max(1, hp.gptq_n_samples // world))
     tg.sync(d)
     t0 = time.perf_counter()
@@ -197,17 +173,17 @@ def check_eval(artifact: Path, hp: tg.Hyperparameters, d: tg.Dist, rep: Report, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="timed training steps per variant")
+    ap.add_argument("--variants", default=",".join(bench_train.VARIANTS), help="bench_train variants, in order")
+    ap.add_argument("--budget", type=float, default=390.0, help="seconds for the whole check (parts are skipped)")
+    ap.add_argument("--eval", action="store_true", help="also time the integrated evaluation (CUDA; on CPU always)")
     ap.add_argument("--eval-tokens", type=int, default=None)
     ap.add_argument("--world", type=int, default=8, help="GPUs of the real run, for projections")
     ap.add_argument("--log", type=Path, default=None, help="report file (default logs/gpu_check_<gpu>.txt)")
     args = ap.parse_args()
+    t_start = time.perf_counter()
+    left = lambda: args.budget - (time.perf_counter() - t_start)  # noqa: E731
     cuda = torch.cuda.is_available()
     d = tg.Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
-    corpus = corpus_dir()
-    base = dict(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"),
-                tokenizer_path=str(corpus / "tokenizers" / "fineweb_1024_bpe.model"), warmup_steps=4 if cuda else 2)
-    hp = tg.Hyperparameters(**base) if cuda else tg.Hyperparameters(**base, **CPU_CONFIG)
-    hp.validate()
     name = torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu"
     rep = Report(args.log or ROOT / "logs" / f"gpu_check_{name}.txt")
     for line in tg.describe_environment(d):
@@ -215,14 +191,32 @@ def main() -> None:
     if not cuda:
         rep("gpu-check: no CUDA device here; running the CPU path at a REDUCED size "
             "(4 layers x 128, 4 x 256-token micro-batches): the figures below are not the submitted configuration")
+    corpus = corpus_dir()
+    base = dict(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"),
+                tokenizer_path=str(corpus / "tokenizers" / "fineweb_1024_bpe.model"))
+    hp = tg.Hyperparameters(**base) if cuda else tg.Hyperparameters(**base, **CPU_CONFIG)
+    hp.validate()
     rep(f"config: layers:{hp.num_layers} dim:{hp.model_dim} heads:{hp.num_heads}/{hp.num_kv_heads} "
-        f"seq:{hp.train_seq_len} batch:{hp.train_batch_tokens} eval_seq:{hp.eval_seq_len} stride:{hp.eval_stride}")
-    steps = args.steps or (30 if cuda else 3)
-    check_attention(d, hp, rep)
-    model = check_training(hp, d, rep, steps)
-    artifact = check_export(model, hp, d, rep, args.world)
-    del model
-    check_eval(artifact, hp, d, rep, args.eval_tokens or (4 * 2 ** 20 if cuda else 2 * hp.ttt_chunk_tokens), args.world)
+        f"seq:{hp.train_seq_len} batch:{hp.train_batch_tokens} eval_seq:{hp.eval_seq_len} stride:{hp.eval_stride} "
+        f"budget:{args.budget:.0f}s")
+    artifact = []
+    parts = [("attention", 20, lambda: check_attention(d, hp, rep)),
+             ("training", 0, lambda: check_training(rep, args.variants.split(","), args.steps or (10 if cuda else 1),
+                                                    left() - (45 if cuda else 0))),
+             ("export", 40, lambda: artifact.append(check_export(hp, d, rep, args.world)))]
+    if args.eval or not cuda:
+        parts.append(("eval", 120, lambda: check_eval(artifact[0], hp, d, rep, args.eval_tokens or (
+            4 * 2 ** 20 if cuda else 2 * hp.ttt_chunk_tokens), args.world)))
+    for part, needs, run in parts:
+        if cuda and left() < needs:
+            rep.row(f"{part} (skipped)", f"{left():.0f}s of the {args.budget:.0f}s budget left, needs ~{needs}s")
+            continue
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001  one failing part must not hide the others' figures
+            traceback.print_exc()
+            rep.row(f"{part} FAILED", f"{type(e).__name__}: {str(e)[:300]}")
+    rep.row("gpu-check wall time", f"{time.perf_counter() - t_start:.0f}s")
     rep.finish()
 
 
