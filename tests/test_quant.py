@@ -575,7 +575,7 @@ def test_golf_export_fits_every_cap(golf_export, where, tmp_path):
         assert cap - size < 0.01 * cap, (cap, size)
         assert _fits_more(sizes, errors, widths, cap - (T[5] - sum(s[5] for s in sizes.values()))) is None
     if cap >= T[5]:
-        assert err <= base_err and min(widths.values()) == 5
+        assert err <= base_err and min(widths.values()) >= 5
     else:
         assert err > base_err and 4 in widths.values()
     if where == "above_int6":
@@ -609,7 +609,16 @@ def test_assign_groups_keeps_shared_hessians_together():
 # Artifact end to end on a tiny model
 # -----------------------------------------------------------------------------------------------------
 
-def _tiny_artifact(hp, path, tokenizer_sha256="t" * 64):
+TOKENIZER_BYTES = b"stands in for the tokenizer file: only its sha256 is read here"
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(corpus, tmp_path_factory):
+    """A perturbed tiny model, its Hessians and candidates, and its artifact written with no size limit."""
+    out = tmp_path_factory.mktemp("tiny_artifact")
+    tok = out / "tok.model"
+    tok.write_bytes(TOKENIZER_BYTES)
+    hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"), tokenizer_path=str(tok))
     torch.manual_seed(0)
     model = tg.GPT(hp)
     with torch.no_grad():  # zero-initialized matrices (out projections, MLP down, gates) become non-zero
@@ -619,15 +628,14 @@ def _tiny_artifact(hp, path, tokenizer_sha256="t" * 64):
     hessians = tg.collect_hessians(model, hp, d)
     q = tg.quantize_model(tg.unbanked_state_dict(model), hessians, hp, d)
     header = dict(config={k: getattr(hp, k) for k in tg.MODEL_FIELDS}, code_sha256=tg.file_sha256(tg.__file__),
-                  tokenizer_sha256=tokenizer_sha256)
+                  tokenizer_sha256=hashlib.sha256(TOKENIZER_BYTES).hexdigest())
+    path = out / "final_model.int5.xz"
     n_bytes = tg.write_artifact(q, header, 10 ** 9, path, lines.append)
-    return model, hessians, q, n_bytes, lines
+    return hp, path, model, hessians, q, n_bytes
 
 
-def test_artifact_end_to_end(corpus, tmp_path):
-    hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
-    path = tmp_path / "final_model.int5.xz"
-    model, hessians, q, n_bytes, lines = _tiny_artifact(hp, path)
+def test_artifact_end_to_end(tiny_artifact):
+    hp, path, model, hessians, q, n_bytes = tiny_artifact
     d = tg.Dist()
     matrices = tg.block_matrices(model)
     assert set(hessians) == set(matrices) == set(q["matrices"])
@@ -661,23 +669,20 @@ def test_artifact_end_to_end(corpus, tmp_path):
     assert float((a - ref).abs().max()) < 0.5
 
 
-def test_artifact_tokenizer_and_architecture(corpus, tmp_path):
+def test_artifact_tokenizer_and_architecture(tiny_artifact, tmp_path):
     """The artifact records the tokenizer's sha256: another tokenizer file is refused naming both hashes and
     TOKENIZER_PATH. Every shape comes from the artifact (EVAL_ONLY with other MODEL_DIM / NUM_LAYERS), and
     the log names the architecture loaded."""
-    tok, other = tmp_path / "tok.model", tmp_path / "other.model"
-    tok.write_bytes(b"tokenizer one")
+    hp, path = tiny_artifact[:2]
+    other = tmp_path / "other.model"
     other.write_bytes(b"tokenizer two")
-    hp = tiny_hp(tokenizer_path=str(tok), data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
-    path = tmp_path / "a.xz"
-    _tiny_artifact(hp, path, hashlib.sha256(b"tokenizer one").hexdigest())
     lines = []
     model = tg.model_from_artifact(path, replace(hp, model_dim=128, num_layers=2, num_heads=2), tg.Dist(), lines.append)
     assert model.hp.model_dim == 64 and model.hp.num_layers == 4 and len(model.blocks) == 4
     assert len(lines) == 1 and lines[0].startswith(f"artifact_loaded: {path} config:{{")
     assert '"model_dim":64' in lines[0] and "matrix_bits:int6x24" in lines[0] and "same_code:True" in lines[0]
     header = tg.artifact_header(path)
-    assert header["tokenizer_sha256"] == hashlib.sha256(b"tokenizer one").hexdigest()
+    assert header["tokenizer_sha256"] == hashlib.sha256(TOKENIZER_BYTES).hexdigest()
     assert header["code_sha256"] == hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
     assert header["config"] == {k: getattr(hp, k) for k in tg.MODEL_FIELDS}
     with pytest.raises(tg.GolfError) as e:
@@ -745,11 +750,9 @@ def test_run_over_size_cap_fails_loudly(corpus_env, tmp_path):
     assert "export_failed" in (tmp_path / "logs" / "test.txt").read_text()
 
 
-def test_artifact_for_another_vocab_is_rejected(corpus, tmp_path):
+def test_artifact_for_another_vocab_is_rejected(tiny_artifact):
     """An artifact whose recorded architecture does not fit VOCAB_SIZE stops with GolfError naming it."""
-    hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
-    path = tmp_path / "a.xz"
-    _tiny_artifact(hp, path)
+    hp, path = tiny_artifact[:2]
     tg.model_from_artifact(path, hp, tg.Dist())  # fits
     with pytest.raises(tg.GolfError, match="VOCAB_SIZE=512"):
         tg.model_from_artifact(path, replace(hp, vocab_size=512), tg.Dist())
