@@ -232,10 +232,7 @@ class Hyperparameters:
         need(self.val_batch_tokens >= self.train_seq_len, "VAL_BATCH_TOKENS", "must hold one sequence")
         need(self.gptq_block_size >= 1, "GPTQ_BLOCK_SIZE", "must be >= 1")
         need(self.gptq_n_samples >= 1, "GPTQ_N_SAMPLES", "must be >= 1")
-        try:
-            levels, widths = self.clip_levels(), self.bit_widths()
-        except ValueError:
-            levels = widths = ()
+        levels, widths = (_parse_list(fn) for fn in (self.clip_levels, self.bit_widths))
         need(1.0 in levels and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
              "must be a comma list of numbers in (0, 1] including 1.0 (the grid of a row late QAT converged)")
         need(BASE_BITS in widths and all(2 <= b <= 8 for b in widths), "QUANT_BITS",
@@ -268,6 +265,13 @@ class Hyperparameters:
             except ValueError:
                 table = {}
             need(orders <= set(table), var.upper(), f"must give 'order:value' for every order in {sorted(orders)}")
+
+
+def _parse_list(parse) -> tuple:
+    try:
+        return parse()
+    except ValueError:
+        return ()
 
 
 def _parse_setting(name: str, text: str, kind: type):
