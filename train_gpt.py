@@ -1367,10 +1367,6 @@ def quantize_tensor(name: str, W: torch.Tensor) -> dict:
     return dict(kind="fp16", data=W.half())
 
 
-def entry_to_tensor(entry: dict) -> torch.Tensor:
-    return dequantize(entry["q"], entry["scale"]) if entry["kind"] == "int" else entry["data"].float()
-
-
 def encode_stream(entries: dict) -> tuple:
     """{name: entry} -> (metas, one xz stream of each tensor's codes and fp16 row scales, or fp16 values)."""
     metas, raw = [], []
@@ -1383,21 +1379,15 @@ def encode_stream(entries: dict) -> tuple:
 
 
 def decode_stream(metas: list, data: bytes) -> dict:
-    raw, off, out = lzma.decompress(data), 0, {}
+    raw, ends, out = lzma.decompress(data), [0], {}
+    take = lambda k: raw[ends[-1]:ends.append(ends[-1] + k) or ends[-1]]  # the next k bytes
+    fp16 = lambda k: torch.from_numpy(np.frombuffer(take(k), dtype="<f2").astype(np.float32))
     for t in metas:
         n = math.prod(t["shape"])
-        sizes = [-(-n // _codes_per_byte(t["bits"])), 2 * t["shape"][0]] if t["kind"] == "int" else [2 * n]
-        if off + sum(sizes) > len(raw):
-            raise ValueError(f"tensor {t['name']}: truncated")
-        parts = [raw[off + sum(sizes[:i]):off + sum(sizes[:i + 1])] for i in range(len(sizes))]
-        off += sum(sizes)
-        if t["kind"] == "int":
-            scale = torch.from_numpy(np.frombuffer(parts[1], dtype="<f2").astype(np.float32))
-            out[t["name"]] = dequantize(unpack_codes(parts[0], n, t["bits"]).view(t["shape"]), scale)
-        else:
-            out[t["name"]] = torch.from_numpy(np.frombuffer(parts[0], dtype="<f2").astype(np.float32)).view(t["shape"])
-    if off != len(raw):
-        raise ValueError(f"{len(raw) - off} trailing bytes in a stream")
+        out[t["name"]] = dequantize(unpack_codes(take(-(-n // _codes_per_byte(t["bits"]))), n, t["bits"]).view(
+            t["shape"]), fp16(2 * t["shape"][0])) if t["kind"] == "int" else fp16(2 * n).view(t["shape"])
+    if ends[-1] != len(raw):
+        raise ValueError(f"stream of {len(raw)} bytes, its tensors {ends[-1]}")
     return out
 
 

@@ -53,6 +53,10 @@ def h_err(W, Q, scale, H) -> float:
     return float(((E @ H.double()) * E).sum())
 
 
+def entry_to_tensor(entry):
+    return tg.dequantize(entry["q"], entry["scale"]) if entry["kind"] == "int" else entry["data"].float()
+
+
 def gq(W, H, block_size=128, clips=(1.0,), bits=5, percdamp=0.01):
     """(Q, scale) of one width from the exporter's multi-width GPTQ."""
     return tg.gptq_quantize(W, H, (bits,), block_size, percdamp, clips)[bits][:2]
@@ -378,7 +382,7 @@ def test_artifact_roundtrip_without_pickle(monkeypatch, tmp_path):
     assert {k: header[k] for k in HEADER} == HEADER
     assert set(tensors) == set(flat)
     for name, e in flat.items():
-        ref = tg.entry_to_tensor(e)
+        ref = entry_to_tensor(e)
         assert tensors[name].dtype == torch.float32 and tensors[name].shape == ref.shape
         assert torch.equal(tensors[name], ref), name
     path = tmp_path / "a.xz"
@@ -409,7 +413,7 @@ def test_read_artifact_file_roundtrip_and_corruption(tmp_path, monkeypatch):
     header, tensors = tg.read_artifact(path)
     assert header["config"] == HEADER["config"]
     for name, e in flat.items():
-        assert torch.equal(tensors[name], tg.entry_to_tensor(e))
+        assert torch.equal(tensors[name], entry_to_tensor(e))
     last = len(good) - len(streams[-1][1]) // 2  # inside the last stream: caught by its CRC32
     table = len(good) - sum(len(s) for _, s in streams) - 4 * len(streams)
     bad_files = {
