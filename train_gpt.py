@@ -1270,7 +1270,7 @@ LZMA_PRESET = 9 | lzma.PRESET_EXTREME
 
 
 def quantize_rtn(W: torch.Tensor, bits: int = 5, clip_levels: tuple = (1.0,)) -> tuple:
-    """Per-row symmetric round-to-nearest on the `row_grid_scale` grid: (Q int8 in [-qmax, qmax], scale fp16 (R,))."""
+    """Per-row symmetric round-to-nearest on the `row_grid_scale` grid: (Q int8 in [-qmax, qmax], scale fp16)."""
     qmax = 2 ** (bits - 1) - 1
     scale = row_grid_scale(W, qmax, clip_levels)
     Q = torch.clamp(torch.round(W.float() / scale), -qmax, qmax).to(torch.int8)
@@ -1328,7 +1328,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_si
     grid = [(2 ** (b - 1) - 1, c) for b in bits for c in clip_levels]
     scales = torch.stack([int_row_scale(W, qmax, c).view(-1) for qmax, c in grid])  # (B*K, R)
     qmax = torch.tensor([float(qmax) for qmax, _ in grid], device=W.device).repeat_interleave(R)
-    Q = _gptq_columns(W[:, perm].repeat(len(grid), 1).T.contiguous(), Hinv, scales.view(-1), qmax, block_size).T[:, invperm]
+    WT = W[:, perm].repeat(len(grid), 1).T.contiguous()
+    Q = _gptq_columns(WT, Hinv, scales.view(-1), qmax, block_size).T[:, invperm]
     err = hessian_weighted_error(W.repeat(len(grid), 1), Q * scales.view(-1, 1), H).view(len(bits), -1, R)
     Q, scales = Q.view(len(bits), -1, R, C), scales.view(len(bits), -1, R)
     best, rows = err.argmin(1), torch.arange(R, device=W.device)  # (B, R): each row's clip level per width
@@ -1545,7 +1546,8 @@ def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> di
     GPTQ on its groups at every width of QUANT_BITS, compressing each candidate in CPU threads while its next
     group runs; then one exchange. Returns on rank 0 {"rest": (metas, stream) of everything else,
     "matrices": {name: {bits: ((metas, stream), error, rank)}}} (model order), None on the other ranks."""
-    shapes = {k.removesuffix(".weight"): tuple(W.shape) for k, W in sd.items() if k.removesuffix(".weight") in hessians}
+    key = {k: k.removesuffix(".weight") for k in sd}
+    shapes = {key[k]: tuple(W.shape) for k, W in sd.items() if key[k] in hessians}
     mine = {}
     with ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // d.world_size)) as pool:
         for names, owner in assign_groups(shapes, hessians, d.world_size):
@@ -1564,8 +1566,8 @@ def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> di
     if parts is None:
         return None
     matrices = {n: c for part in parts for n, c in part.items()}
-    return dict(rest=encode_stream({k: quantize_tensor(k, W) for k, W in sd.items() if k.removesuffix(".weight") not in shapes}),
-                matrices={n: matrices[n] for n in shapes})
+    rest = {k: quantize_tensor(k, W) for k, W in sd.items() if key[k] not in shapes}
+    return dict(rest=encode_stream(rest), matrices={n: matrices[n] for n in shapes})
 
 
 def allocate_bits(sizes: dict, errors: dict, budget: int, base: int = BASE_BITS) -> tuple:

@@ -98,10 +98,8 @@ def main() -> None:
     pre = sliding_bpb(tg.unbanked_state_dict(model), hp, val, luts, d)
     print(f"sliding-window val_bpb before quantization: {pre:.4f}")
     code = len((ROOT / "train_gpt.py").read_bytes())
-    caps = {f"all-int{b}": sizes[b] for b in widths}
-    caps.update({"between all-int4 and all-int5": (sizes[4] + sizes[5]) // 2,
-                 "between all-int5 and all-int6": (sizes[5] + sizes[6]) // 2,
-                 f"ARTIFACT_SIZE_CAP - SIZE_MARGIN_BYTES - code ({code})": hp.artifact_size_cap - hp.size_margin_bytes - code})
+    caps = {"all-int4": sizes[4], "between all-int4 and all-int5": (sizes[4] + sizes[5]) // 2, "all-int5": sizes[5],
+            f"ARTIFACT_SIZE_CAP - SIZE_MARGIN_BYTES - code ({code})": hp.artifact_size_cap - hp.size_margin_bytes - code}
     out = Path("/tmp") / "bench_quant_artifact.bin"
     for label, cap in caps.items():
         lines = []
