@@ -584,6 +584,8 @@ def test_golf_export_fits_every_cap(golf_export, where, tmp_path):
         assert err > base_err and 4 in widths.values()
     if where == "above_int6":
         assert set(widths.values()) == {6}
+    if where not in ("shrink", "headroom"):
+        return
     # the artifact decodes to exactly the chosen candidates
     _, tensors = tg.read_artifact(path)
     for n in list(shapes)[:6]:
