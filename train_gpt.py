@@ -1481,8 +1481,8 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
         for slot, key in ((block.attn.c_q, "attn.c_q"), (block.attn.c_proj, "attn.c_proj"),
                           (block.mlp.c_fc, "mlp.c_fc"), (block.mlp.c_proj, "mlp.c_proj")):
             sources[p + key] = slot
-    H = {name: torch.zeros(slot_in_features(model, name), slot_in_features(model, name), device=d.device)
-         for name in sources}
+    C = {name: W.size(1) for name, W in block_matrices(model).items()}
+    H = {name: torch.zeros(C[name], C[name], device=d.device) for name in sources}
 
     def hook(name):
         def fn(module, args):
@@ -1511,10 +1511,6 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
         if name.endswith("attn.c_q"):
             H[name[:-3] + "c_k"] = H[name[:-3] + "c_v"] = H[name]
     return H
-
-
-def slot_in_features(model: GPT, name: str) -> int:
-    return block_matrices(model)[name].size(1)
 
 
 def assign_groups(shapes: dict, hessians: dict, world_size: int) -> list:
