@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import functools
 import glob
+import hashlib
 import io
 import json
 import lzma
@@ -137,8 +138,9 @@ class Hyperparameters:
     gptq_block_size: int = 128
     gptq_percdamp: float = 0.01
     gptq_clip_levels: str = "1.0,0.96,0.92,0.88,0.84"
-    prune_pct: float = 0.03
+    quant_bits: str = "4,5,6"             # widths a block matrix may get; int5 (late QAT's grid) is the start
     artifact_size_cap: int = 16_000_000
+    size_margin_bytes: int = 2048         # left under the cap: room to fix a comment in the code after a run
     # --- evaluation (SPEC §5) ---
     eval_only: str = ""                   # path of an artifact: skip training, evaluate it
     eval_seq_len: int = 2048
@@ -196,6 +198,9 @@ class Hyperparameters:
     def clip_levels(self) -> tuple:
         return tuple(float(x) for x in self.gptq_clip_levels.split(","))
 
+    def bit_widths(self) -> tuple:
+        return tuple(sorted({int(x) for x in self.quant_bits.split(",")}))
+
     def ngram_table(self, name: str) -> dict:
         text = getattr(self, name)
         return {int(k): float(v) for k, v in (item.split(":") for item in text.split(","))}
@@ -242,13 +247,12 @@ class Hyperparameters:
         need(self.val_batch_tokens >= self.train_seq_len, "VAL_BATCH_TOKENS", "must hold one sequence")
         need(self.gptq_block_size >= 1, "GPTQ_BLOCK_SIZE", "must be >= 1")
         need(self.gptq_n_samples >= 1, "GPTQ_N_SAMPLES", "must be >= 1")
-        need(0 <= self.prune_pct < 1, "PRUNE_PCT", "must be in [0, 1)")
-        try:
-            levels = self.clip_levels()
-        except ValueError:
-            levels = ()
-        need(len(levels) >= 1 and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
-             "must be a comma list of numbers in (0, 1]")
+        levels, widths = (_parse_list(fn) for fn in (self.clip_levels, self.bit_widths))
+        need(1.0 in levels and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
+             "must be a comma list of numbers in (0, 1] including 1.0 (the grid of a row late QAT converged)")
+        need(BASE_BITS in widths and all(2 <= b <= 8 for b in widths), "QUANT_BITS",
+             f"must be a comma list of widths in 2..8 including {BASE_BITS} (late QAT's grid)")
+        need(self.size_margin_bytes < self.artifact_size_cap, "SIZE_MARGIN_BYTES", "must be < ARTIFACT_SIZE_CAP")
         need(self.iterations >= 1, "ITERATIONS", "must be >= 1 (a step cap, or the step count)")
         need(self.eval_seq_len >= 1, "EVAL_SEQ_LEN", "must be >= 1")
         need(self.eval_stride >= 1 and self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE",
@@ -277,6 +281,13 @@ class Hyperparameters:
             except ValueError:
                 table = {}
             need(orders <= set(table), var.upper(), f"must give 'order:value' for every order in {sorted(orders)}")
+
+
+def _parse_list(parse) -> tuple:
+    try:
+        return parse()
+    except ValueError:
+        return ()
 
 
 def _parse_setting(name: str, text: str, kind: type):
@@ -592,7 +603,7 @@ def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
 
 ATTN_GATE_BIAS = 4.0      # sigmoid(4) ~ 0.982: gated attention starts almost open
 LEAKY_SLOPE = 0.9         # MLP activation: LeakyReLU(0.9) then squared
-INT5_QMAX = 15            # int5 grid: integers -15..15 with a per-row scale
+BASE_BITS = 5             # late QAT's grid and the exporter's starting width: integers -15..15, per-row scale
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -608,11 +619,23 @@ def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) 
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def fake_quant_int5(W: torch.Tensor) -> torch.Tensor:
-    """Late QAT: W mapped onto the exporter's int5 grid and per-row scales (round-to-nearest,
-    `quantize_rtn`), with a straight-through gradient. Works on 2-D matrices and 3-D banks."""
-    scale = int_row_scale(W, INT5_QMAX)
-    Wq = torch.clamp(torch.round(W.detach().float() / scale), -INT5_QMAX, INT5_QMAX) * scale
+def row_grid_scale(W: torch.Tensor, qmax: int, clip_levels: tuple = (1.0,)) -> torch.Tensor:
+    """The one rule for a row's grid, used by late QAT and by the exporter's candidates: of the scales
+    clip * max|row| / qmax (clip in GPTQ_CLIP_LEVELS), the one whose round-to-nearest error on the row itself
+    is smallest (first level on a tie). A row already on a grid (QAT-converged) keeps it: clip 1.0 gives it
+    back with error 0. No .item() or branch on values, so the QAT forward compiles; W may be a 3-D bank."""
+    Wf = W.detach().float()
+    scales = torch.stack([int_row_scale(Wf, qmax, c) for c in clip_levels])  # (K, ..., R, 1)
+    err = ((torch.clamp(torch.round(Wf / scales), -qmax, qmax) * scales - Wf) ** 2).sum(-1, keepdim=True)
+    return scales.gather(0, err.argmin(0, keepdim=True)).squeeze(0)  # (..., R, 1)
+
+
+def fake_quant_int5(W: torch.Tensor, clip_levels: tuple = (1.0,)) -> torch.Tensor:
+    """Late QAT: W mapped onto the exporter's int5 grid (`row_grid_scale`, round-to-nearest) with a
+    straight-through gradient. Works on 2-D matrices and 3-D banks."""
+    qmax = 2 ** (BASE_BITS - 1) - 1
+    scale = row_grid_scale(W, qmax, clip_levels)
+    Wq = torch.clamp(torch.round(W.detach().float() / scale), -qmax, qmax) * scale
     return Wq.to(W.dtype) + (W - W.detach())  # value exactly Wq; gradient exactly identity
 
 
@@ -911,7 +934,7 @@ class GPT(nn.Module):
         """(B, T) token ids -> (B, T, D) final normalized hidden states."""
         banks = {name: getattr(self, name) for name in BANKS}
         if qat:
-            banks = {name: fake_quant_int5(W) for name, W in banks.items()}
+            banks = {name: fake_quant_int5(W, self.hp.clip_levels()) for name, W in banks.items()}
         x = self.tok_emb(idx) if self.bigram is None else self.tok_emb(idx) + self.bigram(idx)
         dev = idx.device.type  # under autocast the residual stream is bf16 too (BF16_RESIDUAL): it halves the
         # memory-bound half of the step (issue 13); weights, optimizer state, norms' reductions, loss stay fp32
@@ -1456,25 +1479,26 @@ def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat
 # =====================================================================================================
 # Quantization and serialization
 # =====================================================================================================
-# SPEC §4. Block matrices: full-Hessian GPTQ to int5 (Frantar et al. 2022, names follow IST-DASLab's
-# gptq.py) with H = mean x^T x of the matrix's inputs over calibration sequences of training data, taken
-# inside the training budget. Embedding tables: int8 per row. Tensors of <= 65,536 elements: fp16.
-# The artifact is a self-describing byte container (JSON header, then raw arrays; no pickle) compressed
-# with LZMA; 5-bit values are either bit-packed or stored one per byte, whichever compresses smaller.
+# SPEC §4. Block matrices: full-Hessian GPTQ (Frantar et al. 2022, names follow IST-DASLab's gptq.py) with
+# H = mean x^T x of the matrix's inputs over calibration sequences of training data, taken inside the
+# training budget, at every width of QUANT_BITS in one sweep. Embedding tables: int8 per row. Tensors of
+# <= 65,536 elements: fp16. The artifact is magic | u32 header length | JSON header | u32 length of each
+# stream | the streams: independent xz streams, one per block matrix and one for everything else (no
+# pickle). Its size is a constant plus the sum of the streams' sizes, so every width of every matrix has
+# its real compressed bytes and Hessian-weighted error before anything is written, and the widths are
+# chosen to fit ARTIFACT_SIZE_CAP by construction (`allocate_bits`).
 
-ARTIFACT_MAGIC = b"PGOLF\x05"
-ARTIFACT_VERSION = 1
+ARTIFACT_MAGIC = b"PGOLF\x06"
+ARTIFACT_VERSION = 2
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
 SMALL_TENSOR_NUMEL = 65536
 LZMA_PRESET = 9 | lzma.PRESET_EXTREME
-LZMA_MAX_PARTS = 8  # parallel xz streams: ~8x faster export (41 s -> 3.6 s on the H100 host); on int5 data the
-# split measured no larger than one stream (benchmarks: 1,159,240 vs 1,155,000 bytes for 2M values)
 
 
-def quantize_rtn(W: torch.Tensor, bits: int = 5, clip: float = 1.0) -> tuple:
-    """Per-row symmetric round-to-nearest: (Q int8 in [-qmax, qmax], scale fp16 (R,))."""
+def quantize_rtn(W: torch.Tensor, bits: int = 5, clip_levels: tuple = (1.0,)) -> tuple:
+    """Per-row symmetric round-to-nearest on the `row_grid_scale` grid: (Q int8 in [-qmax, qmax], scale fp16)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = int_row_scale(W, qmax, clip)
+    scale = row_grid_scale(W, qmax, clip_levels)
     Q = torch.clamp(torch.round(W.float() / scale), -qmax, qmax).to(torch.int8)
     return Q, scale.view(-1).half()
 
@@ -1489,43 +1513,30 @@ def hessian_weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor
     return ((E @ H.float()) * E).sum(dim=1)
 
 
-def prune_smallest(W: torch.Tensor, frac: float) -> torch.Tensor:
-    """Zero the `frac` smallest-magnitude entries of W (ties broken by position)."""
-    k = int(frac * W.numel())
-    if k == 0:
-        return W
-    W = W.clone()
-    W.view(-1)[torch.argsort(W.abs().view(-1), stable=True)[:k]] = 0
-    return W
-
-
-def _gptq_columns(W: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qmax: int, block_size: int):
-    """The GPTQ sweep over permuted columns with lazy batched updates. W (R, C) is updated in place;
-    Hinv is the upper Cholesky factor of H^-1; scale (R,) per-row. Returns Q (R, C) as float."""
-    R, C = W.shape
-    Q = torch.zeros_like(W)
-    for i1 in range(0, C, block_size):
-        i2 = min(i1 + block_size, C)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+def _gptq_columns(WT: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qmax: torch.Tensor, block_size: int):
+    """The GPTQ sweep over permuted columns with lazy batched updates, on W^T (C, R) so that a column is
+    contiguous (~2x faster on a CPU). WT is updated in place; Hinv is the upper Cholesky factor of H^-1;
+    scale and qmax (R,) per row. Returns Q^T (C, R) as float."""
+    QT = torch.zeros_like(WT)
+    for i1 in range(0, WT.size(0), block_size):
+        i2 = min(i1 + block_size, WT.size(0))
+        W1, Hinv1 = WT[i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]
-            q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-            Q[:, i1 + i] = q
-            err = (w - q * scale) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the columns after this block
-    return Q
+            QT[i1 + i] = torch.clamp(torch.round(W1[i] / scale), -qmax, qmax)
+            Err1[i] = (W1[i] - QT[i1 + i] * scale) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy update of the columns after this block
+    return QT
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 5, block_size: int = 128,
-                  percdamp: float = 0.01, clip_levels: tuple = (1.0,)) -> tuple:
-    """Full-Hessian GPTQ of W (R, C) given H (C, C). Columns in descending diag(H) order; damping
-    percdamp * mean(diag H); the upper Cholesky factor of H^-1. Every row's scale is chosen among
-    `clip_levels` * max|row| / qmax by the Hessian-weighted error *after* GPTQ (all levels run at once,
-    stacked as extra rows: GPTQ treats rows independently). Returns (Q int8, scale fp16 (R,))."""
-    qmax = 2 ** (bits - 1) - 1
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_size: int = 128,
+                  percdamp: float = 0.01, clip_levels: tuple = (1.0,)) -> dict:
+    """Full-Hessian GPTQ of W (R, C) given H (C, C) at every width in `bits`. Columns in descending diag(H)
+    order; damping percdamp * mean(diag H); the upper Cholesky factor of H^-1. Every (width, clip level)
+    runs in one sweep, stacked as extra rows with their own scale and qmax (GPTQ treats rows independently);
+    per width, each row keeps the clip level whose Hessian-weighted error *after* GPTQ is smallest.
+    Returns {b: (Q int8 (R, C), scale fp16 (R,), error (R,))}."""
     W, H = W.float().clone(), H.float().clone()
     R, C = W.shape
     dead = torch.diag(H) == 0
@@ -1540,85 +1551,82 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 5, block_size: i
     if info != 0:
         raise GolfError(f"GPTQ: Hessian not positive definite after damping GPTQ_PERCDAMP={percdamp}")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    scales = torch.stack([int_row_scale(W, qmax, c).view(-1) for c in clip_levels])  # (K, R)
-    K = len(clip_levels)
-    Qp = _gptq_columns(W[:, perm].repeat(K, 1), Hinv, scales.view(-1), qmax, block_size)
-    Q = Qp[:, invperm].view(K, R, C)
-    errors = torch.stack([hessian_weighted_error(W, Q[k] * scales[k][:, None], H) for k in range(K)])
-    best = torch.argmin(errors, dim=0)  # (R,): the clip level with the smallest error per row
-    rows = torch.arange(R, device=W.device)
-    return Q[best, rows].to(torch.int8), scales[best, rows].half()
+    grid = [(2 ** (b - 1) - 1, c) for b in bits for c in clip_levels]
+    scales = torch.stack([int_row_scale(W, qmax, c).view(-1) for qmax, c in grid])  # (B*K, R)
+    qmax = torch.tensor([float(qmax) for qmax, _ in grid], device=W.device).repeat_interleave(R)
+    WT = W[:, perm].repeat(len(grid), 1).T.contiguous()
+    Q = _gptq_columns(WT, Hinv, scales.view(-1), qmax, block_size).T[:, invperm]
+    err = hessian_weighted_error(W.repeat(len(grid), 1), Q * scales.view(-1, 1), H).view(len(bits), -1, R)
+    Q, scales = Q.view(len(bits), -1, R, C), scales.view(len(bits), -1, R)
+    best, rows = err.argmin(1), torch.arange(R, device=W.device)  # (B, R): each row's clip level per width
+    return {b: (Q[j, best[j], rows].to(torch.int8), scales[j, best[j], rows].half(), err[j, best[j], rows])
+            for j, b in enumerate(bits)}
 
 
-def pack_int5(Q: torch.Tensor) -> bytes:
-    """Bit-pack integers in [-15, 15] as 5-bit codes, 8 values per 5 bytes (little-endian)."""
-    u = (Q.reshape(-1).to(torch.int64) + INT5_QMAX).cpu().numpy().astype(np.uint64)
-    u = np.concatenate([u, np.zeros((-u.size) % 8, dtype=np.uint64)]).reshape(-1, 8)
-    word = np.zeros(u.shape[0], dtype=np.uint64)
-    for j in range(8):
-        word |= u[:, j] << np.uint64(5 * j)
-    return np.stack([(word >> np.uint64(8 * b)) & np.uint64(0xFF) for b in range(5)], axis=1).astype(np.uint8).tobytes()
+def _codes_per_byte(bits: int) -> int:
+    """Widths that divide 8 (int4) are packed, the others stored one per byte: after LZMA, int4 packed two
+    to a byte is 0.9% smaller, int5/int6 bit-packed 9%/6% larger (logs/bench_quant_embedded_cpu.txt)."""
+    return 8 // bits if 8 % bits == 0 else 1
 
 
-def unpack_int5(data: bytes, n: int) -> torch.Tensor:
-    b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 5).astype(np.uint64)
-    word = np.zeros(b.shape[0], dtype=np.uint64)
-    for i in range(5):
-        word |= b[:, i] << np.uint64(8 * i)
-    u = np.stack([(word >> np.uint64(5 * j)) & np.uint64(31) for j in range(8)], axis=1).reshape(-1)[:n]
-    if u.size and u.max() > 2 * INT5_QMAX:
-        raise ValueError("5-bit code out of range")
-    return torch.from_numpy(u.astype(np.int16) - INT5_QMAX).to(torch.int8)
+def pack_codes(Q: torch.Tensor, bits: int) -> bytes:
+    """Integers in [-qmax, qmax] as unsigned codes q + qmax, `_codes_per_byte` of them in a byte."""
+    per = _codes_per_byte(bits)
+    u = (Q.reshape(-1).to(torch.int16) + 2 ** (bits - 1) - 1).to(torch.uint8).cpu().numpy()
+    u = np.concatenate([u, np.zeros(-u.size % per, dtype=np.uint8)]).reshape(-1, per)
+    return np.bitwise_or.reduce(u << (bits * np.arange(per, dtype=np.uint8)), axis=1).astype(np.uint8).tobytes()
 
 
-def int5_payload_bytes(n: int, packing: str) -> int:
-    return (n + 7) // 8 * 5 if packing == "bits5" else n
+def unpack_codes(data: bytes, n: int, bits: int) -> torch.Tensor:
+    qmax, per = 2 ** (bits - 1) - 1, _codes_per_byte(bits)
+    b = np.frombuffer(data, dtype=np.uint8)
+    u = ((b[:, None] >> (bits * np.arange(per, dtype=np.uint8))) & (2 ** (8 // per) - 1)).reshape(-1)[:n]
+    if u.size != n or (n and u.max() > 2 * qmax):
+        raise ValueError(f"{bits}-bit codes truncated or out of range")
+    return torch.from_numpy(u.astype(np.int16) - qmax).to(torch.int8)
 
 
-def quantize_tensor(name: str, W: torch.Tensor, H: torch.Tensor | None, block_matrix: bool,
-                    hp: Hyperparameters) -> dict:
-    """One state-dict entry -> {'kind', 'q', 'scale'} or {'kind', 'data'} (pure; the caller logs)."""
-    if block_matrix:
-        W = prune_smallest(W.float(), hp.prune_pct)
-        if H is None:
-            Q, scale = quantize_rtn(W, 5)
-        else:
-            Q, scale = gptq_quantize(W, H, 5, hp.gptq_block_size, hp.gptq_percdamp, hp.clip_levels())
-        return dict(kind="int5", q=Q, scale=scale, gptq=H is not None)
+def quantize_tensor(name: str, W: torch.Tensor) -> dict:
+    """A tensor that is not a block matrix -> int8 rows (embeddings, large matrices) or fp16 (pure)."""
     if name in EMBEDDING_NAMES or (W.ndim == 2 and W.numel() > SMALL_TENSOR_NUMEL):
         Q, scale = quantize_rtn(W, 8)
-        return dict(kind="int8", q=Q, scale=scale)
+        return dict(kind="int", bits=8, q=Q, scale=scale)
     return dict(kind="fp16", data=W.half())
 
 
-def entry_to_tensor(entry: dict) -> torch.Tensor:
-    if entry["kind"] in ("int5", "int8"):
-        return dequantize(entry["q"], entry["scale"])
-    return entry["data"].float()
-
-
-def serialize_artifact(entries: dict, config: dict, packing: str) -> bytes:
-    """Container: magic | u32 header length | JSON header | values of every tensor | fp16 scales."""
-    meta, values, scales = [], [], []
+def encode_stream(entries: dict) -> tuple:
+    """{name: entry} -> (metas, one xz stream of each tensor's codes and fp16 row scales, or fp16 values)."""
+    metas, raw = [], []
     for name, e in entries.items():
-        shape = list((e["q"] if "q" in e else e["data"]).shape)
-        meta.append(dict(name=name, kind=e["kind"], shape=shape))
-        if e["kind"] == "int5":
-            q = e["q"].cpu()
-            values.append(pack_int5(q) if packing == "bits5" else (q.to(torch.int16) + INT5_QMAX).to(torch.uint8).numpy().tobytes())
-        elif e["kind"] == "int8":
-            values.append(e["q"].cpu().numpy().tobytes())
-        else:
-            values.append(e["data"].cpu().numpy().astype("<f2").tobytes())
-        if "scale" in e:
-            scales.append(e["scale"].cpu().numpy().astype("<f2").tobytes())
-    header = json.dumps(dict(version=ARTIFACT_VERSION, packing=packing, config=config, tensors=meta),
-                        separators=(",", ":")).encode()
-    return ARTIFACT_MAGIC + struct.pack("<I", len(header)) + header + b"".join(values) + b"".join(scales)
+        t = e["q"] if e["kind"] == "int" else e["data"]
+        metas.append(dict(name=name, kind=e["kind"], bits=e.get("bits", 16), shape=list(t.shape)))
+        raw += [pack_codes(t, e["bits"]), e["scale"].cpu().numpy().astype("<f2").tobytes()] if e["kind"] == "int" \
+            else [t.cpu().numpy().astype("<f2").tobytes()]
+    return metas, lzma.compress(b"".join(raw), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=LZMA_PRESET)
 
 
-def deserialize_artifact(blob: bytes) -> tuple:
-    """Inverse of serialize_artifact: (config, {name: float32 tensor}). Needs nothing but the bytes."""
+def decode_stream(metas: list, data: bytes) -> dict:
+    raw, ends, out = lzma.decompress(data), [0], {}
+    take = lambda k: raw[ends[-1]:ends.append(ends[-1] + k) or ends[-1]]  # the next k bytes
+    fp16 = lambda k: torch.from_numpy(np.frombuffer(take(k), dtype="<f2").astype(np.float32))
+    for t in metas:
+        n = math.prod(t["shape"])
+        out[t["name"]] = dequantize(unpack_codes(take(-(-n // _codes_per_byte(t["bits"]))), n, t["bits"]).view(
+            t["shape"]), fp16(2 * t["shape"][0])) if t["kind"] == "int" else fp16(2 * n).view(t["shape"])
+    if ends[-1] != len(raw):
+        raise ValueError(f"stream of {len(raw)} bytes, its tensors {ends[-1]}")
+    return out
+
+
+def pack_artifact(header: dict, streams: list) -> bytes:
+    """The container of (metas, stream) pairs; `header` holds the architecture and the hashes."""
+    head = json.dumps({**header, "version": ARTIFACT_VERSION, "streams": [m for m, _ in streams]},
+                      separators=(",", ":")).encode()
+    return (ARTIFACT_MAGIC + struct.pack("<I", len(head)) + head
+            + struct.pack(f"<{len(streams)}I", *(len(s) for _, s in streams)) + b"".join(s for _, s in streams))
+
+
+def parse_header(blob: bytes) -> tuple:
     if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
         raise ValueError("bad magic")
     (hlen,) = struct.unpack_from("<I", blob, len(ARTIFACT_MAGIC))
@@ -1626,63 +1634,54 @@ def deserialize_artifact(blob: bytes) -> tuple:
     header = json.loads(blob[off:off + hlen])
     if header["version"] != ARTIFACT_VERSION:
         raise ValueError(f"version {header['version']} != {ARTIFACT_VERSION}")
-    off += hlen
-    packing, decoded = header["packing"], []
-    for t in header["tensors"]:
-        n = math.prod(t["shape"])
-        size = {"int5": int5_payload_bytes(n, packing), "int8": n, "fp16": 2 * n}[t["kind"]]
-        raw = blob[off:off + size]
-        if len(raw) != size:
-            raise ValueError(f"tensor {t['name']}: {len(raw)} of {size} bytes (truncated)")
-        off += size
-        if t["kind"] == "int5":
-            q = unpack_int5(raw, n) if packing == "bits5" else torch.from_numpy(
-                np.frombuffer(raw, dtype=np.uint8).astype(np.int16) - INT5_QMAX).to(torch.int8)
-            decoded.append((t, q))
-        elif t["kind"] == "int8":
-            decoded.append((t, torch.from_numpy(np.frombuffer(raw, dtype=np.int8).copy())))
-        else:
-            decoded.append((t, torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float32))))
-    tensors = {}
-    for t, values in decoded:
-        if t["kind"] in ("int5", "int8"):
-            rows = t["shape"][0]
-            if off + 2 * rows > len(blob):
-                raise ValueError(f"tensor {t['name']}: scales truncated")
-            scale = torch.from_numpy(np.frombuffer(blob[off:off + 2 * rows], dtype="<f2").astype(np.float32))
-            off += 2 * rows
-            tensors[t["name"]] = dequantize(values.view(t["shape"]), scale)
-        else:
-            tensors[t["name"]] = values.view(t["shape"])
-    if off != len(blob):
-        raise ValueError(f"{len(blob) - off} trailing bytes")
-    return header["config"], tensors
+    return header, off + hlen
 
 
-def compress(blob: bytes, parts: int = 1) -> bytes:
-    """LZMA (xz, preset 9 | extreme) in `parts` independent streams compressed in parallel threads
-    (LZMA releases the GIL); concatenated xz streams decode with one plain lzma.decompress."""
-    step = -(-len(blob) // max(1, parts))
-    pieces = [blob[i:i + step] for i in range(0, len(blob), step)] or [b""]
-    with ThreadPoolExecutor(len(pieces)) as pool:
-        return b"".join(pool.map(lambda b: lzma.compress(b, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
-                                                          preset=LZMA_PRESET), pieces))
+def deserialize_artifact(blob: bytes) -> tuple:
+    """Inverse of pack_artifact: (header, {name: float32 tensor}). Needs nothing but the bytes."""
+    header, off = parse_header(blob)
+    lengths = struct.unpack_from(f"<{len(header['streams'])}I", blob, off)
+    off += 4 * len(lengths)
+    if off + sum(lengths) != len(blob):
+        raise ValueError(f"{len(blob)} bytes, the header says {off + sum(lengths)}")
+    ends = np.cumsum((off,) + lengths).tolist()
+    with ThreadPoolExecutor(8) as pool:  # LZMA releases the GIL
+        parts = pool.map(decode_stream, header["streams"], [blob[a:b] for a, b in zip(ends, ends[1:])])
+        return header, {k: v for part in parts for k, v in part.items()}
 
 
-def read_artifact(path: Path) -> tuple:
+def _decode_file(path: Path, decode):
     try:
-        return deserialize_artifact(lzma.decompress(Path(path).read_bytes()))
+        return decode(Path(path).read_bytes())
     except FileNotFoundError:
         raise GolfError(f"artifact {path}: no such file") from None
-    except (lzma.LZMAError, ValueError, KeyError, struct.error, json.JSONDecodeError) as e:
+    except (lzma.LZMAError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
         raise GolfError(f"artifact {path}: corrupt or not an artifact of this script ({e})") from None
 
 
-def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist) -> GPT:
-    """Rebuild the network from the artifact alone: its header carries the architecture."""
-    config, tensors = read_artifact(path)
+def read_artifact(path: Path) -> tuple:
+    return _decode_file(path, deserialize_artifact)
+
+
+def artifact_header(path: Path) -> dict:
+    """The artifact's JSON header (config, code_sha256, tokenizer_sha256, each tensor's kind, bits and shape)."""
+    return _decode_file(path, lambda blob: parse_header(blob)[0])
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | None = None) -> GPT:
+    """Rebuild the network from the artifact alone: every shape comes from its header (EVAL_ONLY included),
+    and it must have been trained with TOKENIZER_PATH's tokenizer (another one gives another BPB)."""
+    header, tensors = read_artifact(path)
+    config = header["config"]
     if set(config) != set(MODEL_FIELDS) or config["vocab_size"] != hp.vocab_size:
         raise GolfError(f"artifact {path}: architecture {config} does not fit this script with VOCAB_SIZE={hp.vocab_size}")
+    if Path(hp.tokenizer_path).is_file() and file_sha256(hp.tokenizer_path) != header["tokenizer_sha256"]:
+        raise GolfError(f"artifact {path} was trained with the tokenizer of sha256 {header['tokenizer_sha256']}, but "
+                        f"TOKENIZER_PATH={hp.tokenizer_path} has sha256 {file_sha256(hp.tokenizer_path)}")
     arch = dataclasses.replace(hp, **config)
     arch.validate()
     model = GPT(arch).to(d.device)
@@ -1690,6 +1689,11 @@ def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist) -> GPT:
         load_unbanked_state_dict(model, {k: v.to(d.device) for k, v in tensors.items()})
     except (KeyError, RuntimeError) as e:
         raise GolfError(f"artifact {path}: tensors do not match its architecture ({e})") from None
+    if log is not None:
+        widths = sorted(t["bits"] for s in header["streams"][1:] for t in s)
+        log(f"artifact_loaded: {path} config:{json.dumps(config, separators=(',', ':'))} matrix_bits:"
+            f"{','.join(f'int{b}x{widths.count(b)}' for b in sorted(set(widths)))} code_sha256:"
+            f"{header['code_sha256'][:16]} same_code:{header['code_sha256'] == file_sha256(__file__)}")
     return model
 
 
@@ -1703,8 +1707,8 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
         for slot, key in ((block.attn.c_q, "attn.c_q"), (block.attn.c_proj, "attn.c_proj"),
                           (block.mlp.c_fc, "mlp.c_fc"), (block.mlp.c_proj, "mlp.c_proj")):
             sources[p + key] = slot
-    H = {name: torch.zeros(slot_in_features(model, name), slot_in_features(model, name), device=d.device)
-         for name in sources}
+    C = {name: W.size(1) for name, W in block_matrices(model).items()}
+    H = {name: torch.zeros(C[name], C[name], device=d.device) for name in sources}
 
     def hook(name):
         def fn(module, args):
@@ -1735,45 +1739,114 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
     return H
 
 
-def slot_in_features(model: GPT, name: str) -> int:
-    return block_matrices(model)[name].size(1)
+def assign_groups(shapes: dict, hessians: dict, world_size: int) -> list:
+    """[(names, owner rank)]: the block matrices grouped by shared Hessian (q, k, v read one input: one
+    Cholesky, one sweep), the groups spread over the ranks by their GPTQ cost rows * C^2, largest first."""
+    groups = {}
+    for name in shapes:
+        groups.setdefault(id(hessians[name]), []).append(name)
+    groups = list(groups.values())
+    cost = [sum(shapes[n][0] for n in g) * shapes[g[0]][1] ** 2 for g in groups]
+    load, owners = [0] * world_size, [0] * len(groups)
+    for i in sorted(range(len(groups)), key=lambda i: -cost[i]):
+        owners[i] = min(range(world_size), key=load.__getitem__)
+        load[owners[i]] += cost[i]
+    return list(zip(groups, owners))
 
 
-def quantize_model(model: GPT, hessians: dict, hp: Hyperparameters, d: Dist, log: RunLog) -> dict:
-    """Quantize every tensor of the unbanked state dict. Embeddings and small tensors are quantized on
-    every rank (cheap, deterministic); the GPTQ matrices are spread round-robin over the ranks and their
-    integers and scales broadcast from the owner, so every rank ends with all entries."""
-    sd = unbanked_state_dict(model)
-    matrices = [name + ".weight" for name in block_matrices(model)]
-    entries = {name: quantize_tensor(name, W, None, False, hp) for name, W in sd.items() if name not in matrices}
-    for i, name in enumerate(matrices):
-        W, H, owner = sd[name], hessians.get(name[:-7]), i % d.world_size
-        if owner == d.rank:
-            e = quantize_tensor(name, W, H, True, hp)
-        else:
-            e = dict(kind="int5", q=torch.empty(W.shape, dtype=torch.int8, device=W.device),
-                     scale=torch.empty(W.size(0), dtype=torch.float16, device=W.device), gptq=H is not None)
-        broadcast(e["q"], owner)
-        broadcast(e["scale"], owner)
-        entries[name] = e
-        if d.is_main:
-            err = hessian_weighted_error(W.float(), dequantize(e["q"], e["scale"]), H).sum().item() if H is not None else float("nan")
-            rtn = hessian_weighted_error(W.float(), dequantize(*quantize_rtn(W, 5)), H).sum().item() if H is not None else float("nan")
-            log(f"gptq: {name} shape:{tuple(W.shape)} method:{'gptq' if H is not None else 'rtn_no_hessian'} "
-                f"h_err:{err:.4e} rtn_h_err:{rtn:.4e} ratio:{err / rtn if rtn > 0 else float('nan'):.3f} rank:{owner}")
-    return entries
+def gather_to_main(obj, d: Dist) -> list | None:
+    """[every rank's obj] on rank 0, None elsewhere (one process: [obj])."""
+    if d.world_size == 1:
+        return [obj]
+    out = [None] * d.world_size if d.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
-def write_artifact(entries: dict, config: dict, path: Path, log: RunLog) -> int:
-    """Compress both packings (each split over half the cores), keep the smaller, write it."""
-    parts = max(1, min(LZMA_MAX_PARTS, (os.cpu_count() or 2) // 2))
-    with ThreadPoolExecutor(2) as pool:
-        packed = dict(zip(("bits5", "bytes"), pool.map(
-            lambda p: compress(serialize_artifact(entries, config, p), parts), ("bits5", "bytes"))))
-    best = min(packed, key=lambda p: len(packed[p]))
-    log(f"artifact_packing: bits5:{len(packed['bits5'])} bytes:{len(packed['bytes'])} bytes chosen:{best}")
-    path.write_bytes(packed[best])
-    return len(packed[best])
+def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> dict | None:
+    """Quantize the unbanked state dict `sd`; its block matrices are those with a Hessian. Every rank runs
+    GPTQ on its groups at every width of QUANT_BITS, compressing each candidate in CPU threads while its next
+    group runs; then one exchange. Returns on rank 0 {"rest": (metas, stream) of everything else,
+    "matrices": {name: {bits: ((metas, stream), error, rank)}}} (model order), None on the other ranks."""
+    key = {k: k.removesuffix(".weight") for k in sd}
+    shapes = {key[k]: tuple(W.shape) for k, W in sd.items() if key[k] in hessians}
+    mine = {}
+    with ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // d.world_size)) as pool:
+        for names, owner in assign_groups(shapes, hessians, d.world_size):
+            if owner != d.rank:
+                continue
+            Ws = [sd[n + ".weight"] for n in names]
+            res = gptq_quantize(torch.cat(Ws), hessians[names[0]], hp.bit_widths(), hp.gptq_block_size,
+                                hp.gptq_percdamp, hp.clip_levels())
+            rows = np.cumsum([0] + [W.size(0) for W in Ws]).tolist()
+            for name, r0, r1 in zip(names, rows, rows[1:]):
+                mine[name] = {b: (pool.submit(encode_stream, {name + ".weight": dict(
+                    kind="int", bits=b, q=Q[r0:r1].cpu(), scale=s[r0:r1].cpu())}), e[r0:r1].sum().item(), d.rank)
+                    for b, (Q, s, e) in res.items()}
+        mine = {n: {b: (f.result(), e, r) for b, (f, e, r) in c.items()} for n, c in mine.items()}
+    parts = gather_to_main(mine, d)
+    if parts is None:
+        return None
+    matrices = {n: c for part in parts for n, c in part.items()}
+    rest = {k: quantize_tensor(k, W) for k, W in sd.items() if key[k] not in shapes}
+    return dict(rest=encode_stream(rest), matrices={n: matrices[n] for n in shapes})
+
+
+def allocate_bits(sizes: dict, errors: dict, budget: int, base: int = BASE_BITS) -> tuple:
+    """Each matrix's width so that sum(sizes[n][width]) <= budget, greedily from all-`base`, one width step
+    at a time: while over, lower the matrix whose error rises least per byte saved; then, while a raise fits,
+    raise the matrix whose error drops most per byte added (one that would not fit is passed over for one
+    that does). Returns (choice, [(name, old, new, total after)], total); total > budget if nothing fits."""
+    choice = dict.fromkeys(sizes, base)
+    total, moves = sum(s[base] for s in sizes.values()), []
+
+    def step(n, up):  # (width, byte change, error change) of n's next width step, or None
+        ws = sorted(sizes[n])
+        i = ws.index(choice[n]) + (1 if up else -1)
+        return (w := ws[i], sizes[n][w] - sizes[n][choice[n]], errors[n][w] - errors[n][choice[n]]) \
+            if 0 <= i < len(ws) else None
+
+    while True:
+        over = total > budget
+        cands = [(s[2] / -s[1], n, s) for n in sizes if (s := step(n, False)) and s[1] < 0] if over else \
+            [(s[2] / max(s[1], 1), n, s) for n in sizes if (s := step(n, True)) and s[2] < 0 and total + s[1] <= budget]
+        if not cands:
+            return choice, moves, total
+        _, n, (w, db, _) = min(cands, key=lambda c: c[0])
+        total += db
+        moves.append((n, choice[n], w, total))
+        choice[n] = w
+
+
+def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) -> int:
+    """Choose the widths (`allocate_bits` on the measured stream sizes) so that the artifact is at most
+    `budget` bytes, write it and return its size; where even the smallest widths do not fit, write nothing
+    and return the size they give (> budget). Logs every candidate and every decision."""
+    mats, rest = q["matrices"], q["rest"]
+    sizes = {n: {b: len(c[b][0][1]) for b in c} for n, c in mats.items()}
+    errors = {n: {b: c[b][1] for b in c} for n, c in mats.items()}
+    for n, c in mats.items():
+        log(f"gptq: {n}.weight shape:{tuple(c[BASE_BITS][0][0][0]['shape'])} rank:{c[BASE_BITS][2]} "
+            + " ".join(f"int{b}:{sizes[n][b]}B,h_err:{errors[n][b]:.4e}" for b in sorted(c)))
+    streams = lambda choice: [rest] + [mats[n][choice[n]][0] for n in mats]  # stream 0: all but the matrices
+    fixed = len(pack_artifact(header, [(m, s if i == 0 else b"") for i, (m, s) in
+                                       enumerate(streams(dict.fromkeys(mats, BASE_BITS)))]))
+    choice, moves, total = allocate_bits(sizes, errors, budget - fixed)
+    for n, old, new, t in moves:
+        log(f"quant_alloc: {n}.weight int{old}->int{new} bytes:{sizes[n][old]}->{sizes[n][new]} "
+            f"h_err:{errors[n][old]:.4e}->{errors[n][new]:.4e} artifact:{fixed + t}")
+    widths = list(choice.values())
+    log(f"quant_alloc: widths:{','.join(f'int{b}x{widths.count(b)}' for b in sorted(set(widths)))} "
+        f"artifact:{fixed + total} budget:{budget} headroom:{budget - fixed - total} "
+        f"h_err:{sum(errors[n][b] for n, b in choice.items()):.4e} "
+        f"all_int{BASE_BITS}_h_err:{sum(e[BASE_BITS] for e in errors.values()):.4e}")
+    if fixed + total > budget:
+        return fixed + total
+    blob = pack_artifact(header, streams(choice))
+    if len(blob) != fixed + total:  # the header's length does not depend on the widths (one digit each)
+        raise RuntimeError(f"artifact is {len(blob)} bytes, its parts {fixed + total}")
+    path.write_bytes(blob)
+    return len(blob)
 
 
 # =====================================================================================================
@@ -2194,32 +2267,37 @@ def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
 
 def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
     """Checkpoint, GPTQ calibration, quantization, serialization; the budget and size checks. The artifact
-    becomes final_model.int5.xz only if both pass; the full-precision checkpoint stays either way."""
+    becomes final_model.int5.xz unless even the smallest widths cannot fit the cap; an overrun of the
+    budget is kept and returned in `problems`. The full-precision checkpoint stays either way."""
     t0 = time.perf_counter()
     if d.is_main:
         torch.save(model.state_dict(), out / "final_model.pt")
     hessians = collect_hessians(model, hp, d)
     sync(d)
     t1 = time.perf_counter()
-    entries = quantize_model(model, hessians, hp, d, log)
-    config = {k: getattr(hp, k) for k in MODEL_FIELDS}
+    q = quantize_model(unbanked_state_dict(model), hessians, hp, d)
+    code_bytes = len(Path(__file__).read_bytes())
+    header = dict(config={k: getattr(hp, k) for k in MODEL_FIELDS}, code_sha256=file_sha256(__file__),
+                  tokenizer_sha256=file_sha256(hp.tokenizer_path))
+    budget = hp.artifact_size_cap - hp.size_margin_bytes - code_bytes
     tmp = out / "final_model.int5.xz.tmp"
-    artifact_bytes = write_artifact(entries, config, tmp, log) if d.is_main else 0
+    artifact_bytes = write_artifact(q, header, budget, tmp, log) if d.is_main else 0
     barrier()
     calib_s, export_s = t1 - t0, time.perf_counter() - t1
-    code_bytes = len(Path(__file__).read_bytes())
     total = artifact_bytes + code_bytes
     used = train.train_seconds + calib_s + export_s
     log(f"budget: train_time:{train.train_seconds:.1f}s calibration_time:{calib_s:.1f}s export_time:{export_s:.1f}s "
         f"total:{used:.1f}s limit:{hp.max_wallclock_seconds:.0f}s predicted_export:{train.export_estimate:.1f}s "
         f"actual_export:{calib_s + export_s:.1f}s margin:{hp.max_wallclock_seconds - used:.1f}s")
     log(f"Code size: {code_bytes} bytes")
-    log(f"Serialized model int5+lzma: {artifact_bytes} bytes")
-    log(f"Total submission size: {total} bytes (cap {hp.artifact_size_cap}, headroom {hp.artifact_size_cap - total})")
+    log(f"Serialized model gptq+lzma: {artifact_bytes} bytes")
+    log(f"Total submission size: {total} bytes (cap {hp.artifact_size_cap}, headroom {hp.artifact_size_cap - total}, "
+        f"of which SIZE_MARGIN_BYTES={hp.size_margin_bytes})")
     verdict = torch.tensor([float(total), used], dtype=torch.float64, device=d.device)
     total, used = broadcast(verdict, 0).tolist()
-    if total > hp.artifact_size_cap:
-        problem = f"artifact + code = {int(total)} bytes is over ARTIFACT_SIZE_CAP={hp.artifact_size_cap}"
+    if total > hp.artifact_size_cap - hp.size_margin_bytes:
+        problem = (f"artifact + code = {int(total)} bytes even at the smallest QUANT_BITS={hp.quant_bits}, over "
+                   f"ARTIFACT_SIZE_CAP={hp.artifact_size_cap} - SIZE_MARGIN_BYTES={hp.size_margin_bytes}")
         if d.is_main:
             tmp.unlink(missing_ok=True)
         log(f"export_failed: {problem}; no artifact or submission written; full-precision checkpoint kept at "

@@ -89,7 +89,11 @@ def test_unparsable_value_names_variable(var, text):
     ({"TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS"),
     ({"WARMDOWN_FRAC": "0"}, "WARMDOWN_FRAC"),
     ({"EMA_DECAY": "1"}, "EMA_DECAY"),
-    ({"PRUNE_PCT": "1"}, "PRUNE_PCT"),
+    ({"QUANT_BITS": "4,6"}, "QUANT_BITS"),
+    ({"QUANT_BITS": "5,9"}, "QUANT_BITS"),
+    ({"QUANT_BITS": "5,x"}, "QUANT_BITS"),
+    ({"GPTQ_CLIP_LEVELS": "0.9,0.8"}, "GPTQ_CLIP_LEVELS"),
+    ({"SIZE_MARGIN_BYTES": "16000000"}, "SIZE_MARGIN_BYTES"),
     ({"TTT_TEMPERATURE": "0"}, "TTT_TEMPERATURE"),
     ({"EXPORT_RESERVE_SECONDS": "600"}, "EXPORT_RESERVE_SECONDS"),
     ({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "0"}, "ITERATIONS"),
@@ -103,7 +107,7 @@ def test_out_of_range_names_variable(env, var):
 
 def test_validation_accepts_boundaries():
     tg.Hyperparameters.from_env({"XSA_LAST_N": "11", "VE_LAST_N": "11", "TTT_LAST_N": "11"})
-    tg.Hyperparameters.from_env({"XSA_LAST_N": "0", "EVAL_STRIDE": "2048", "PRUNE_PCT": "0",
+    tg.Hyperparameters.from_env({"XSA_LAST_N": "0", "EVAL_STRIDE": "2048", "QUANT_BITS": "5",
                                  "GPTQ_CLIP_LEVELS": "1", "MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "5"})
 
 

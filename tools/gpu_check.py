@@ -129,16 +129,18 @@ def check_export(hp: tg.Hyperparameters, d: tg.Dist, rep: Report, world: int) ->
     tg.sync(d)
     calib = time.perf_counter() - t0
     t0 = time.perf_counter()
-    entries = tg.quantize_model(model, hessians, hp, d, tg.RunLog(None))
+    q = tg.quantize_model(tg.unbanked_state_dict(model), hessians, hp, d)
     tg.sync(d)
     gptq = time.perf_counter() - t0
     out = Path(tempfile.mkdtemp()) / "final_model.int5.xz"
     t0 = time.perf_counter()
-    size = tg.write_artifact(entries, {k: getattr(hp, k) for k in tg.MODEL_FIELDS}, out, rep)
+    header = dict(config={k: getattr(hp, k) for k in tg.MODEL_FIELDS}, code_sha256=tg.file_sha256(tg.__file__),
+                  tokenizer_sha256=tg.file_sha256(hp.tokenizer_path))
+    size = tg.write_artifact(q, header, hp.artifact_size_cap - hp.size_margin_bytes, out, lambda line: None)
     lz = time.perf_counter() - t0
     rep.row("calibration (one rank's share)", f"{share.gptq_n_samples} x {hp.train_seq_len} tokens: {calib:.2f}s")
-    rep.row("GPTQ all matrices, one device", f"{gptq:.1f}s (on {world} ranks ~{gptq / world:.1f}s)")
-    rep.row("serialize + LZMA both packings", f"{lz:.1f}s, artifact {size} bytes (untrained weights)")
+    rep.row("GPTQ + LZMA of every width, one device", f"{gptq:.1f}s (widths {hp.quant_bits}; spread over {world} ranks)")
+    rep.row("width allocation + write", f"{lz:.1f}s, artifact {size} bytes (untrained weights)")
     rep.row("export reserve needed (est.)", f"{calib + gptq / world + lz:.1f}s of EXPORT_RESERVE_SECONDS="
                                             f"{hp.export_reserve_seconds:.0f}")
     return out
