@@ -25,7 +25,7 @@ def test_gpu_check_cpu_path(tmp_path):
     text = out.read_text()
     assert "no CUDA device here" in text and "REDUCED size" in text
     for row in ("attention shim", "train plain", "train late-QAT", "recompiles after warm-up", "GPTQ all matrices",
-                "serialize + LZMA", "eval phase score", "eval phase ngram", "eval phase ttt", "n-gram audit",
+                "width allocation + write", "eval phase score", "eval phase ngram", "eval phase ttt", "n-gram audit",
                 "projected eval"):
         assert re.search(rf"^{re.escape(row)}", text, re.M), row
     assert re.search(r"^recompiles after warm-up\s+0$", text, re.M)
