@@ -26,8 +26,8 @@ def test_gpu_check_cpu_path(tmp_path):
     text = out.read_text()
     assert "no CUDA device here" in text and "REDUCED size" in text
     for row in ("attention kernel chosen", "attention fwd+bwd, one layer", "train tree", "train expanded_kv",
-                "GPTQ all matrices", "serialize + LZMA", "eval phase score", "eval phase ngram", "eval phase ttt",
-                "n-gram audit", "projected eval", "gpu-check wall time"):
+                "GPTQ all matrices", "width allocation + write", "eval phase score", "eval phase ngram",
+                "eval phase ttt", "n-gram audit", "projected eval", "gpu-check wall time"):
         assert re.search(rf"^{re.escape(row)}", text, re.M), row
     assert "FAILED" not in text and "SKIPPED" not in text
     assert re.search(r"^train tree .*attention sdpa_\w+, .*recompiles 0,", text, re.M)

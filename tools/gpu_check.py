@@ -139,7 +139,8 @@ def check_export(hp: tg.Hyperparameters, d: tg.Dist, rep: Report, world: int) ->
     size = tg.write_artifact(q, header, hp.artifact_size_cap - hp.size_margin_bytes, out, lambda line: None)
     lz = time.perf_counter() - t0
     rep.row("calibration (one rank's share)", f"{share.gptq_n_samples} x {hp.train_seq_len} tokens: {calib:.2f}s")
-    rep.row("GPTQ + LZMA of every width, one device", f"{gptq:.1f}s (widths {hp.quant_bits}; spread over {world} ranks)")
+    rep.row("GPTQ all matrices + LZMA of every width, one device",
+            f"{gptq:.1f}s (widths {hp.quant_bits}; spread over {world} ranks)")
     rep.row("width allocation + write", f"{lz:.1f}s, artifact {size} bytes (untrained weights)")
     rep.row("export reserve needed (est.)", f"{calib + gptq / world + lz:.1f}s of EXPORT_RESERVE_SECONDS="
                                             f"{hp.export_reserve_seconds:.0f}")
