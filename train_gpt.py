@@ -91,6 +91,10 @@ class Hyperparameters:
     ve_dim: int = 128
     ve_last_n: int = 2
     xsa_last_n: int = 4
+    smear_gate: bool = True               # component switches (ablations): 0 removes the part and its params
+    gated_attn: bool = True
+    value_residual: bool = True
+    unet_skips: bool = True
     # --- training (SPEC §3) ---
     iterations: int = 20000               # step cap; the step count itself when MAX_WALLCLOCK_SECONDS=0
     train_seq_len: int = 2048
@@ -210,8 +214,8 @@ class Hyperparameters:
         need(self.head_dim % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM / NUM_HEADS) must be even")
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS", "must be even and <= head dim")
         need(self.mlp_hidden >= 1, "MLP_MULT", "MLP hidden width must be >= 1")
-        need(self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE", "need at least 2 buckets")
-        need(1 <= self.ve_last_n <= self.num_layers, "VE_LAST_N", "must be in 1..NUM_LAYERS")
+        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "need 0 (no BigramHash) or at least 2 buckets")
+        need(self.ve_last_n <= self.num_layers, "VE_LAST_N", "must be in 0..NUM_LAYERS")
         need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be <= NUM_LAYERS")
         need(1 <= self.ttt_last_n <= self.num_layers, "TTT_LAST_N", "must be in 1..NUM_LAYERS")
         need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", "must be >= 2")
@@ -275,9 +279,10 @@ def _parse_setting(name: str, text: str, kind: type):
         raise GolfError(f"{name}={text!r} is not a valid {kind.__name__}") from None
 
 
+# What the artifact must record to rebuild the network.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "ve_dim", "ve_last_n",
-                "xsa_last_n")  # what the artifact must record to rebuild the network
+                "xsa_last_n", "smear_gate", "gated_attn", "value_residual", "unet_skips")
 
 
 # =====================================================================================================
@@ -648,13 +653,14 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         # Gated attention: per-head sigmoid gate from the attention input, weight 0 and bias 4 at init.
-        self.gate = nn.Linear(hp.model_dim, hp.num_heads)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
+        self.gate = nn.Linear(hp.model_dim, hp.num_heads) if hp.gated_attn else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
         self.use_xsa = layer >= L - hp.xsa_last_n          # XSA on the last XSA_LAST_N layers
         self.use_ve = layer >= L - hp.ve_last_n            # value embeddings on the last VE_LAST_N layers
         self.ve_scale = nn.Parameter(torch.tensor(0.1)) if self.use_ve else None
-        self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 else None  # VRL (layer 0 supplies v0)
+        self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 and hp.value_residual else None  # VRL
 
     def forward(self, x, Wq, Wk, Wv, Wo, v0, ve):
         B, T, _ = x.shape
@@ -664,9 +670,9 @@ class CausalSelfAttention(nn.Module):
         if self.use_ve:
             v = v + self.ve_scale.to(v.dtype) * ve
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if v0 is None:
+        if v0 is None:  # layer 0 supplies v0
             v0 = v
-        else:  # value residual: softmax(lambda) mix of layer 0's v and this layer's v
+        elif self.vrl_lambda is not None:  # value residual: softmax(lambda) mix of layer 0's v and this layer's v
             lam = torch.softmax(self.vrl_lambda.float(), dim=0).to(v.dtype)
             v = lam[0] * v0 + lam[1] * v
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -675,9 +681,9 @@ class CausalSelfAttention(nn.Module):
         if self.use_xsa:  # remove each head's component along its own position's (normalized) value
             vn = F.normalize(v, dim=-1).repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
-        gate = torch.sigmoid(self.gate(x).float()).to(y.dtype)  # (B, T, H)
-        y = (y * gate[..., None]).reshape(B, T, -1)
-        return self.c_proj(y, Wo), v0
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x).float()).to(y.dtype)[..., None]  # gate (B, T, H)
+        return self.c_proj(y.reshape(B, T, -1), Wo), v0
 
 
 class MLP(nn.Module):
@@ -767,12 +773,12 @@ class GPT(nn.Module):
         self.hp = hp
         self.tok_emb = nn.Embedding(V, D)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D)
-        self.smear = SmearGate(D)
-        self.ve = ValueEmbedding(V, hp.ve_dim, hp.kv_dim)
+        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D) if hp.bigram_vocab_size else None
+        self.smear = SmearGate(D) if hp.smear_gate else None
+        self.ve = ValueEmbedding(V, hp.ve_dim, hp.kv_dim) if hp.ve_last_n else None
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
-        self.num_skips = min(hp.num_encoder_layers, L - hp.num_encoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, D))
+        self.num_skips = min(hp.num_encoder_layers, L - hp.num_encoder_layers) if hp.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, D)) if self.num_skips else None
         # Banks: rows [0, L) are q / k / up / down of layer i; rows [L, 2L) are out / v of layer i - L.
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
         self.kv_bank = nn.Parameter(torch.empty(2 * L, hp.kv_dim, D))
@@ -796,10 +802,10 @@ class GPT(nn.Module):
         banks = {name: getattr(self, name) for name in BANKS}
         if qat:
             banks = {name: fake_quant_int5(W) for name, W in banks.items()}
-        x = self.tok_emb(idx) + self.bigram(idx)
-        x = self.smear(rms_norm(x))
+        x = self.tok_emb(idx) if self.bigram is None else self.tok_emb(idx) + self.bigram(idx)
+        x = rms_norm(x) if self.smear is None else self.smear(rms_norm(x))
         x0, v0, skips = x, None, []
-        ve = self.ve(idx)
+        ve = self.ve(idx) if self.ve is not None else None
         n_enc = self.hp.num_encoder_layers
         for i, block in enumerate(self.blocks):
             if n_enc <= i < n_enc + self.num_skips:  # U-Net: decoder adds the most recent encoder output

@@ -531,3 +531,78 @@ def test_default_configuration(default_model):
 def test_default_parameter_count(default_model):
     n = sum(p.numel() for p in default_model.parameters())
     assert 26_000_000 <= n <= 28_000_000, n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Component switches (ablations): a part switched off is absent, with no parameters left behind
+# ----------------------------------------------------------------------------------------------------
+
+SWITCHES = {  # setting -> names of the parameters that must disappear with it
+    "ve_last_n": (0, ("ve.", "ve_scale")),
+    "bigram_vocab_size": (0, ("bigram.",)),
+    "smear_gate": (False, ("smear.",)),
+    "gated_attn": (False, ("attn.gate.",)),
+    "value_residual": (False, ("vrl_lambda",)),
+    "unet_skips": (False, ("skip_weights",)),
+}
+ALL_OFF = {name: value for name, (value, _) in SWITCHES.items()}
+
+
+class RandomLoader:
+    """Stands in for DistributedTokenLoader: random tokens, same return shapes."""
+
+    def __init__(self, vocab_size, seed=0):
+        self.V, self.g = vocab_size, torch.Generator().manual_seed(seed)
+
+    def next_batch(self, micro_tokens, seq_len):
+        tokens = torch.randint(0, self.V, (micro_tokens + 1,), generator=self.g)
+        return tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len), tokens
+
+
+def train_one_step(hp):
+    torch.manual_seed(0)
+    model, d = tg.GPT(hp), tg.Dist()
+    muon, adam, replicated = tg.build_optimizers(model, hp, d)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = tg.Trainer(hp, d, model, model, muon, adam, replicated)
+    loss = trainer.step(RandomLoader(hp.vocab_size), tg.BigramCounter(hp.vocab_size, 0.5, d.device), 1.0, 0.95, False)
+    return model, float(loss), before
+
+
+@pytest.mark.parametrize("off", [{k: v[0]} for k, v in SWITCHES.items()] + [ALL_OFF], ids=list(SWITCHES) + ["all"])
+def test_switched_off_component_is_absent_trains_and_is_causal(off):
+    hp = tiny_hp(**off)
+    names = [n for n, _ in tg.GPT(hp).named_parameters()]
+    for key in off:
+        assert not any(frag in n for frag in SWITCHES[key][1] for n in names), (key, names)
+    model = perturbed_model(hp, seed=3)  # every remaining parameter is used: all get a gradient
+    model.train()
+    x = torch.randint(0, hp.vocab_size, (2, hp.train_seq_len))
+    model(x, x).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    model.eval()
+    with torch.no_grad():
+        ref = model.logits(model.hidden(x))
+        x2 = x.clone()
+        x2[:, 20:] = (x2[:, 20:] + 1) % hp.vocab_size
+        out = model.logits(model.hidden(x2))
+    assert torch.equal(out[:, :20], ref[:, :20]) and not torch.equal(out[:, 20:], ref[:, 20:])
+    trained, loss, before = train_one_step(hp)  # one optimizer step moves the weights and stays finite
+    assert math.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trained.parameters()))
+
+
+def test_all_off_has_fewer_parameters_and_defaults_keep_everything():
+    count = lambda hp: sum(p.numel() for p in tg.GPT(hp).parameters())  # noqa: E731
+    assert count(tiny_hp(**ALL_OFF)) < min(count(tiny_hp(**{k: v})) for k, v in ALL_OFF.items()) \
+        <= max(count(tiny_hp(**{k: v})) for k, v in ALL_OFF.items()) < count(tiny_hp())
+    hp = tg.Hyperparameters()
+    assert (hp.smear_gate, hp.gated_attn, hp.value_residual, hp.unet_skips) == (True,) * 4
+    assert set(ALL_OFF) <= set(tg.MODEL_FIELDS)  # the artifact records the architecture switches
+    with pytest.raises(tg.GolfError, match="BIGRAM_VOCAB_SIZE"):
+        tiny_hp(bigram_vocab_size=1)
+
+
+def test_default_parameter_count_is_unchanged(default_model):
+    """Pinned before the switches were added: the submitted network is the same one."""
+    assert sum(p.numel() for p in default_model.parameters()) == 27_301_063
