@@ -7,7 +7,7 @@ depends only on the installed versions). One document per topic or source file; 
 once (exact duplicates removed, first occurrence wins); documents are never cut.
 
 Splits (by a hash of each document's text, not by its position, so adding a package moves no other
-document): ~3% of the documents are the validation split, the rest train. matplotlib is held out
+document): ~2% of the documents are the validation split, the rest train. matplotlib is held out
 entirely: a hash-chosen sample of its documents is a second held-out text ("heldout2", another package
 that neither the model nor the tokenizer ever sees), for checking that conclusions drawn on the
 validation split carry over. The SentencePiece BPE tokenizer is trained on the train split only.
@@ -27,8 +27,8 @@ import sentencepiece as spm
 
 PACKAGES = ("numpy", "torch")        # requirements whose docstrings are training/validation text
 HELDOUT_PACKAGE = "matplotlib"      # held out entirely; a sample of it is the second held-out text
-VAL_PER_MILLE = 30                  # share of documents (by text hash) in the validation split
-HELDOUT2_PER_MILLE = 250            # share of the held-out package's documents written as heldout2
+VAL_PER_MILLE = 20                  # share of documents (by text hash) in the validation split
+HELDOUT2_PER_MILLE = 90            # share of the held-out package's documents written as heldout2
 # Standard-library parts that are not prose about Python (codec tables, vendored tools, GUI demos, the
 # test suite) or whose text is already used (pydoc_data = the topics).
 STDLIB_SKIP = {"idlelib", "tkinter", "lib2to3", "distutils", "encodings", "ensurepip", "pydoc_data",

@@ -1,0 +1,177 @@
+"""Does each part of the model earn its place? All-on vs all-off vs each part off, at equal steps.
+
+    python3 benchmarks/ablate_train.py [--steps 60] [--seeds 1337 42] [--jobs 2] [--configs all_on,all_off,...]
+
+Each run is train_gpt.py as a subprocess on the embedded corpus (built by tools/embedded_corpus.py into
+data/embedded) at the CPU shape of run.sh's embedded_settings (read from run.sh, so it is the same shape),
+step-based (MAX_WALLCLOCK_SECONDS=0, ITERATIONS=--steps: every schedule follows the step count, so runs
+are comparable whatever else the machine is doing), OMP_NUM_THREADS=1, at most --jobs runs at once, each
+in its own temporary OUTPUT_DIR. Per run it reads from the logs:
+  model-only BPB   `final_int5_roundtrip_exact` (the artifact's model alone, the same sliding evaluator
+                   for every configuration)
+  integrated BPB   `final_integrated_exact` (n-gram cache + LoRA TTT, the reported number)
+  s/step           `step_avg:` of the last training log line (wall seconds per step, 1 thread)
+and then scores the same artifact on the second held-out text (datasets/heldout2: matplotlib's docstrings,
+never trained on, not even by the tokenizer) with EVAL_ONLY, reading `final_integrated_exact` and
+`integrated_parts: model_only_bpb` (the model with TTT but without the n-gram cache).
+
+Equal wall time: a part that changes the cost of a step would get more (or fewer) steps in the same time.
+The table reports each configuration's s/step and the steps it would get in the all-on configuration's
+time (steps x all-on s/step / its s/step); --equal-wall CONFIG,... reruns those configurations at that
+step count (same seeds) and prints them as a second table.
+"""
+import argparse
+import concurrent.futures as cf
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "embedded"
+
+# One switch set per part (names agreed in notes/interfaces.md); "all_off" is a plain GPT with Muon.
+PARTS = {
+    "xsa": {"XSA_LAST_N": "0"},
+    "value_embed": {"VE_LAST_N": "0"},
+    "bigram_hash": {"BIGRAM_VOCAB_SIZE": "0"},
+    "smear_gate": {"SMEAR_GATE": "0"},
+    "gated_attn": {"GATED_ATTN": "0"},
+    "value_residual": {"VALUE_RESIDUAL": "0"},
+    "unet_skips": {"UNET_SKIPS": "0"},
+    "complement_loss": {"COMPLEMENT_ALPHA": "0"},
+    "ema_swa": {"EMA_DECAY": "0", "SWA_WEIGHT": "0"},
+    "late_qat": {"LATE_QAT_FRAC": "1"},
+}
+CONFIGS = {"all_on": {}, "all_off": {k: v for part in PARTS.values() for k, v in part.items()},
+           **{f"no_{name}": switches for name, switches in PARTS.items()}}
+FLOAT = r"([0-9.]+(?:e[-+]?\d+)?)"
+
+
+def embedded_env() -> dict:
+    """The environment run.sh's embedded_settings() exports (the CPU shape), without running the job."""
+    script = (f'source <(sed -n "/^embedded_settings() {{/,/^}}/p" "{ROOT / "run.sh"}"); '
+              'embedded_settings; env -0')
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, check=True, cwd=ROOT).stdout
+    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+    env["DATA_PATH"] = str(CORPUS / "datasets" / "fineweb10B_sp1024")
+    env["TOKENIZER_PATH"] = str(CORPUS / "tokenizers" / "fineweb_1024_bpe.model")
+    return env
+
+
+def last(pattern: str, text: str, what: str) -> float:
+    found = re.findall(pattern, text)
+    if not found:
+        raise RuntimeError(f"ablate_train: no `{what}` line in the log")
+    return float(found[-1])
+
+
+def run_one(base: dict, name: str, seed: int, steps: int) -> dict:
+    """Train + evaluate one configuration, then score its artifact on heldout2."""
+    with tempfile.TemporaryDirectory(prefix=f"ablate_{name}_{seed}_") as out:
+        env = {**base, **CONFIGS[name], "SEED": str(seed), "ITERATIONS": str(steps), "MAX_WALLCLOCK_SECONDS": "0",
+               "OUTPUT_DIR": out, "RUN_ID": "train", "OMP_NUM_THREADS": "1"}
+        t0 = time.time()
+        p = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                           cwd=out)
+        if p.returncode:
+            raise RuntimeError(f"ablate_train: {name} seed {seed} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        log = p.stdout
+        r = dict(config=name, seed=seed, steps=steps,
+                 model_bpb=last(rf"final_int5_roundtrip_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_int5_roundtrip"),
+                 integrated_bpb=last(rf"final_integrated_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_integrated"),
+                 s_per_step=last(rf"step_avg:{FLOAT}ms", log, "step_avg") / 1000)
+        env.update(EVAL_ONLY=str(Path(out) / "final_model.int5.xz"), RUN_ID="heldout2",
+                   DATA_PATH=str(CORPUS / "datasets" / "heldout2"))
+        p = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                           cwd=out)
+        if p.returncode:
+            raise RuntimeError(f"ablate_train: heldout2 eval of {name} seed {seed} failed:\n{p.stderr[-2000:]}")
+        r["h2_model_ttt_bpb"] = last(rf"integrated_parts: model_only_bpb:{FLOAT}", p.stdout, "integrated_parts")
+        r["h2_integrated_bpb"] = last(rf"final_integrated_exact val_loss:\S+ val_bpb:{FLOAT}", p.stdout,
+                                      "final_integrated (heldout2)")
+        r["wall_s"] = time.time() - t0
+        print(f"ablate_train: done {name} seed:{seed} steps:{steps} model:{r['model_bpb']:.4f} "
+              f"integrated:{r['integrated_bpb']:.4f} h2_integrated:{r['h2_integrated_bpb']:.4f} "
+              f"s/step:{r['s_per_step']:.3f} wall:{r['wall_s']:.0f}s", flush=True)
+        return r
+
+
+def run_all(base: dict, jobs: list, workers: int) -> list:
+    with cf.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: run_one(base, *job), jobs))
+
+
+def table(results: list, seeds: list, title: str) -> str:
+    """One row per configuration: per-seed values, mean, spread (max - min over seeds), delta vs all_on."""
+    by = {}
+    for r in results:
+        by.setdefault(r["config"], {})[r["seed"]] = r
+    metrics = (("model_bpb", "model-only BPB (val)"), ("integrated_bpb", "integrated BPB (val)"),
+               ("h2_model_ttt_bpb", "heldout2 model+TTT BPB"), ("h2_integrated_bpb", "heldout2 integrated BPB"))
+    ref = by.get("all_on")
+    lines = [title]
+    for key, label in metrics:
+        lines.append(f"\n{label}  (delta = mean - all_on mean; negative = better than all_on)")
+        head = f"{'config':<20}{'steps':>6}" + "".join(f"{'seed ' + str(s):>10}" for s in seeds)
+        lines.append(head + f"{'mean':>9}{'spread':>8}{'delta':>9}{'s/step':>8}{'eq_steps':>9}")
+        ref_mean = statistics.mean(r[key] for r in ref.values()) if ref else None
+        ref_step = statistics.mean(r["s_per_step"] for r in ref.values()) if ref else None
+        for name, rs in by.items():
+            vals = [rs[s][key] for s in seeds if s in rs]
+            mean, step = statistics.mean(vals), statistics.mean(r["s_per_step"] for r in rs.values())
+            steps = next(iter(rs.values()))["steps"]
+            delta = f"{mean - ref_mean:+9.4f}" if ref_mean is not None else f"{'':>9}"
+            eq = f"{steps * ref_step / step:9.0f}" if ref_step else f"{'':>9}"
+            lines.append(f"{name:<20}{steps:>6}" + "".join(f"{v:>10.4f}" for v in vals)
+                         + f"{mean:>9.4f}{max(vals) - min(vals):>8.4f}{delta}{step:>8.3f}{eq}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each OMP_NUM_THREADS=1)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--equal-wall", default="", help="configs to rerun at the all-on configuration's wall time")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="settings applied to every run (e.g. TRAIN_BATCH_TOKENS=8192 EVAL_STRIDE=128)")
+    args = ap.parse_args()
+    names = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in names + [c for c in args.equal_wall.split(",") if c] if c not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs/--equal-wall: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
+    if not (CORPUS / "MANIFEST.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "embedded_corpus.py"), "--out", str(CORPUS)], check=True)
+    base = embedded_env()
+    base.update(VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="10")
+    base.update(item.split("=", 1) for item in args.set)
+    shape = " ".join(f"{k}={base[k]}" for k in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS",
+                                                "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE"))
+    print(f"ablate_train: steps:{args.steps} seeds:{args.seeds} jobs:{args.jobs} OMP_NUM_THREADS=1 shape: {shape}")
+    print(f"ablate_train: configs: " + "; ".join(f"{n}: {' '.join(f'{k}={v}' for k, v in CONFIGS[n].items()) or '-'}"
+                                                 for n in names), flush=True)
+    t0 = time.time()
+    results = run_all(base, [(n, s, args.steps) for n in names for s in args.seeds], args.jobs)
+    print("\n" + table(results, args.seeds, f"== equal steps ({args.steps}) =="), flush=True)
+    if args.equal_wall:
+        by = {n: statistics.mean(r["s_per_step"] for r in results if r["config"] == n) for n in names}
+        if "all_on" not in by:
+            ap.error("--equal-wall needs all_on in --configs (its s/step sets the time)")
+        extra = [(n, s, round(args.steps * by["all_on"] / by[n])) for n in args.equal_wall.split(",") if n
+                 for s in args.seeds]
+        more = run_all(base, extra, args.jobs)
+        ref = [r for r in results if r["config"] == "all_on"]
+        print("\n" + table(ref + more, args.seeds, "== equal wall time (steps = all_on steps x all_on s/step / "
+                                                  "the config's s/step at equal steps) =="))
+    print(f"\nablate_train: total wall {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
