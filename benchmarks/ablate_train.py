@@ -21,6 +21,7 @@ time (steps x all-on s/step / its s/step); --equal-wall CONFIG,... reruns those 
 step count (same seeds) and prints them as a second table.
 """
 import argparse
+import json
 import concurrent.futures as cf
 import os
 import re
@@ -92,13 +93,11 @@ def run_one(base: dict, name: str, seed: int, steps: int) -> dict:
                            cwd=out)
         if p.returncode:
             raise RuntimeError(f"ablate_train: heldout2 eval of {name} seed {seed} failed:\n{p.stderr[-2000:]}")
-        r["h2_model_ttt_bpb"] = last(rf"integrated_parts: model_only_bpb:{FLOAT}", p.stdout, "integrated_parts")
+        r["h2_model_bpb"] = last(rf"integrated_parts: model_only_bpb:{FLOAT}", p.stdout, "integrated_parts")
         r["h2_integrated_bpb"] = last(rf"final_integrated_exact val_loss:\S+ val_bpb:{FLOAT}", p.stdout,
                                       "final_integrated (heldout2)")
         r["wall_s"] = time.time() - t0
-        print(f"ablate_train: done {name} seed:{seed} steps:{steps} model:{r['model_bpb']:.4f} "
-              f"integrated:{r['integrated_bpb']:.4f} h2_integrated:{r['h2_integrated_bpb']:.4f} "
-              f"s/step:{r['s_per_step']:.3f} wall:{r['wall_s']:.0f}s", flush=True)
+        print(f"ablate_train: done {json.dumps(r)}", flush=True)  # a partial run's results survive in the log
         return r
 
 
@@ -113,7 +112,7 @@ def table(results: list, seeds: list, title: str) -> str:
     for r in results:
         by.setdefault(r["config"], {})[r["seed"]] = r
     metrics = (("model_bpb", "model-only BPB (val)"), ("integrated_bpb", "integrated BPB (val)"),
-               ("h2_model_ttt_bpb", "heldout2 model+TTT BPB"), ("h2_integrated_bpb", "heldout2 integrated BPB"))
+               ("h2_model_bpb", "heldout2 model-only BPB (integrated pass, n-gram off; TTT if on)"), ("h2_integrated_bpb", "heldout2 integrated BPB"))
     ref = by.get("all_on")
     lines = [title]
     for key, label in metrics:
@@ -142,7 +141,13 @@ def main() -> None:
     ap.add_argument("--equal-wall", default="", help="configs to rerun at the all-on configuration's wall time")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                     help="settings applied to every run (e.g. TRAIN_BATCH_TOKENS=8192 EVAL_STRIDE=128)")
+    ap.add_argument("--table-from", default="", help="print the tables from the `done` lines of an earlier log")
     args = ap.parse_args()
+    if args.table_from:  # e.g. a run cut short: its finished runs, tabulated
+        results = [json.loads(line.split("done ", 1)[1]) for line in open(args.table_from)
+                   if line.startswith("ablate_train: done ")]
+        print(table(results, args.seeds, f"== from {args.table_from} (steps per row) =="))
+        return
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names + [c for c in args.equal_wall.split(",") if c] if c not in CONFIGS]
     if unknown:
@@ -154,7 +159,8 @@ def main() -> None:
     base.update(item.split("=", 1) for item in args.set)
     shape = " ".join(f"{k}={base[k]}" for k in ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS",
                                                 "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE"))
-    print(f"ablate_train: steps:{args.steps} seeds:{args.seeds} jobs:{args.jobs} OMP_NUM_THREADS=1 shape: {shape}")
+    print(f"ablate_train: steps:{args.steps} seeds:{args.seeds} jobs:{args.jobs} OMP_NUM_THREADS=1 shape: {shape} "
+          f"set: {' '.join(args.set) or '-'}")
     print(f"ablate_train: configs: " + "; ".join(f"{n}: {' '.join(f'{k}={v}' for k, v in CONFIGS[n].items()) or '-'}"
                                                  for n in names), flush=True)
     t0 = time.time()
