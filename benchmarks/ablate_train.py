@@ -15,10 +15,12 @@ and then scores the same artifact on the second held-out text (datasets/heldout2
 never trained on, not even by the tokenizer) with EVAL_ONLY, reading `final_integrated_exact` and
 `integrated_parts: model_only_bpb` (the model with TTT but without the n-gram cache).
 
-Equal wall time: a part that changes the cost of a step would get more (or fewer) steps in the same time.
-The table reports each configuration's s/step and the steps it would get in the all-on configuration's
-time (steps x all-on s/step / its s/step); --equal-wall CONFIG,... reruns those configurations at that
-step count (same seeds) and prints them as a second table.
+Equal time: a part that changes the cost of a step would get more (or fewer) steps in the same time.
+Wall-clock step_avg on a shared machine measures the machine as much as the config, so --cost-steps K
+measures each configuration's CPU seconds per step by process time (one thread, K steps after a first
+one; late-QAT's fake quantization is not in it) and prints the steps each would get in all_on's time;
+--equal-wall CONFIG,... reruns those configurations at that step count (same seeds) as a second table.
+--table-from LOG tabulates (and with --cost-steps, costs) the `done` lines of an earlier or cut-short run.
 """
 import argparse
 import json
@@ -101,6 +103,43 @@ def run_one(base: dict, name: str, seed: int, steps: int) -> dict:
         return r
 
 
+def step_cost_here(steps: int) -> float:
+    """CPU seconds per optimizer step of the configuration in this process's environment, by process time
+    (one thread): unlike the logs' wall-clock step_avg it does not depend on what else the machine runs."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import train_gpt as tg
+    torch.set_num_threads(1)
+    hp = tg.Hyperparameters.from_env(os.environ)
+    d = tg.Dist()
+    torch.manual_seed(hp.seed)
+    model = tg.GPT(hp)
+    trainer = tg.Trainer(hp, d, model, model, *tg.build_optimizers(model, hp, d))
+    loader = tg.DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
+    counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, d.device) if hp.complement_alpha > 0 else None
+    averager = tg.WeightAverager(model, hp)
+    trainer.step(loader, counter, 1.0, 0.95, False)  # first step: allocations, lazy initialization
+    t0 = time.process_time()
+    for i in range(steps):
+        trainer.step(loader, counter, 1.0, 0.95, False)
+        averager.update(i + 1, 1.0)
+    return (time.process_time() - t0) / steps
+
+
+def step_costs(base: dict, names: list, steps: int) -> dict:
+    """{config: CPU s/step}, each measured in a fresh single-threaded process, one at a time."""
+    costs = {}
+    for name in names:
+        env = {**base, **CONFIGS[name], "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, __file__, "--cost-here", str(steps)], env=env, capture_output=True,
+                             text=True, cwd=ROOT)
+        if out.returncode:
+            raise RuntimeError(f"ablate_train: step cost of {name} failed:\n{out.stderr[-2000:]}")
+        costs[name] = float(out.stdout.split()[-1])
+        print(f"ablate_train: cpu_s_per_step {name} {costs[name]:.3f}", flush=True)
+    return costs
+
+
 def run_all(base: dict, jobs: list, workers: int) -> list:
     with cf.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda job: run_one(base, *job), jobs))
@@ -142,11 +181,11 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                     help="settings applied to every run (e.g. TRAIN_BATCH_TOKENS=8192 EVAL_STRIDE=128)")
     ap.add_argument("--table-from", default="", help="print the tables from the `done` lines of an earlier log")
+    ap.add_argument("--cost-steps", type=int, default=0, help="also measure each config's CPU s/step over this many steps")
+    ap.add_argument("--cost-here", type=int, default=0, help=argparse.SUPPRESS)  # internal: one cost measurement
     args = ap.parse_args()
-    if args.table_from:  # e.g. a run cut short: its finished runs, tabulated
-        results = [json.loads(line.split("done ", 1)[1]) for line in open(args.table_from)
-                   if line.startswith("ablate_train: done ")]
-        print(table(results, args.seeds, f"== from {args.table_from} (steps per row) =="))
+    if args.cost_here:
+        print(step_cost_here(args.cost_here))
         return
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names + [c for c in args.equal_wall.split(",") if c] if c not in CONFIGS]
@@ -164,18 +203,29 @@ def main() -> None:
     print(f"ablate_train: configs: " + "; ".join(f"{n}: {' '.join(f'{k}={v}' for k, v in CONFIGS[n].items()) or '-'}"
                                                  for n in names), flush=True)
     t0 = time.time()
-    results = run_all(base, [(n, s, args.steps) for n in names for s in args.seeds], args.jobs)
+    if args.table_from:  # e.g. the finished runs of a log: tabulated (and costed) without rerunning them
+        results = [json.loads(line.split("done ", 1)[1]) for line in open(args.table_from)
+                   if line.startswith("ablate_train: done ")]
+    else:
+        results = run_all(base, [(n, s, args.steps) for n in names for s in args.seeds], args.jobs)
     print("\n" + table(results, args.seeds, f"== equal steps ({args.steps}) =="), flush=True)
-    if args.equal_wall:
-        by = {n: statistics.mean(r["s_per_step"] for r in results if r["config"] == n) for n in names}
+    costs = step_costs(base, names, args.cost_steps) if args.cost_steps else {}
+    if costs and "all_on" in costs:
+        print(f"\n== CPU seconds per step (process time, 1 thread, {args.cost_steps} steps each) and the steps "
+              f"each config gets in all_on's time ({args.steps} steps) ==")
+        for n, c in costs.items():
+            print(f"{n:<20}{c:8.3f} s/step  ratio:{c / costs['all_on']:6.3f}  "
+                  f"equal-time steps:{args.steps * costs['all_on'] / c:6.1f}")
+    if args.equal_wall and not args.table_from:
+        by = costs or {n: statistics.mean(r["s_per_step"] for r in results if r["config"] == n) for n in names}
         if "all_on" not in by:
             ap.error("--equal-wall needs all_on in --configs (its s/step sets the time)")
         extra = [(n, s, round(args.steps * by["all_on"] / by[n])) for n in args.equal_wall.split(",") if n
                  for s in args.seeds]
         more = run_all(base, extra, args.jobs)
         ref = [r for r in results if r["config"] == "all_on"]
-        print("\n" + table(ref + more, args.seeds, "== equal wall time (steps = all_on steps x all_on s/step / "
-                                                  "the config's s/step at equal steps) =="))
+        print("\n" + table(ref + more, args.seeds, "== equal time (steps = all_on steps x all_on s/step / "
+                                                  "the config's s/step) =="))
     print(f"\nablate_train: total wall {time.time() - t0:.0f}s")
 
 
