@@ -155,19 +155,20 @@ def table(results: list, seeds: list, title: str) -> str:
     ref = by.get("all_on")
     lines = [title]
     for key, label in metrics:
-        lines.append(f"\n{label}  (delta = mean - all_on mean; negative = better than all_on)")
+        lines.append(f"\n{label}  (delta = mean over seeds of (config - all_on at the same seed); "
+                     f"negative = better than all_on; wall s/step = the logs' step_avg, machine-dependent)")
         head = f"{'config':<20}{'steps':>6}" + "".join(f"{'seed ' + str(s):>10}" for s in seeds)
-        lines.append(head + f"{'mean':>9}{'spread':>8}{'delta':>9}{'s/step':>8}{'eq_steps':>9}")
-        ref_mean = statistics.mean(r[key] for r in ref.values()) if ref else None
-        ref_step = statistics.mean(r["s_per_step"] for r in ref.values()) if ref else None
+        lines.append(head + f"{'mean':>9}{'spread':>8}{'delta':>9}{'wall s/step':>12}")
         for name, rs in by.items():
             vals = [rs[s][key] for s in seeds if s in rs]
             mean, step = statistics.mean(vals), statistics.mean(r["s_per_step"] for r in rs.values())
             steps = next(iter(rs.values()))["steps"]
-            delta = f"{mean - ref_mean:+9.4f}" if ref_mean is not None else f"{'':>9}"
-            eq = f"{steps * ref_step / step:9.0f}" if ref_step else f"{'':>9}"
-            lines.append(f"{name:<20}{steps:>6}" + "".join(f"{v:>10.4f}" for v in vals)
-                         + f"{mean:>9.4f}{max(vals) - min(vals):>8.4f}{delta}{step:>8.3f}{eq}")
+            paired = [rs[s][key] - ref[s][key] for s in seeds if s in rs and ref and s in ref]
+            delta = f"{statistics.mean(paired):+9.4f}" if paired else f"{'':>9}"
+            spread = f"{max(vals) - min(vals):>8.4f}" if len(vals) > 1 else f"{'-':>8}"  # one seed: no spread
+            lines.append(f"{name:<20}{steps:>6}" + "".join(f"{rs[s][key]:>10.4f}" if s in rs else f"{'-':>10}"
+                                                           for s in seeds)
+                         + f"{mean:>9.4f}{spread}{delta}{step:>12.2f}")
     return "\n".join(lines)
 
 
