@@ -385,3 +385,55 @@ def test_bad_later_shard_fails_when_reached_naming_it(tmp_path):
     assert ts.take(300).tolist() == [1, 2, 3] * 100  # the prefetch already failed; nothing raised yet
     with pytest.raises(tg.GolfError, match="fineweb_train_000001.bin"):
         ts.take(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedded corpus (tools/embedded_corpus.py): sizes are ranges, since the text varies with the installed
+# Python and package versions
+# ----------------------------------------------------------------------------------------------------
+
+def embedded_corpus_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("embedded_corpus", Path(tg.__file__).parent / "tools" / "embedded_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_embedded_corpus_manifest_and_shards(corpus):
+    """Sizes in range (a CPU run of ~4-5M tokens reads the train split about once), shards match the
+    manifest, every split is whole BOS-started documents, and heldout2 is a DATA_PATH of its own."""
+    import json
+    m = json.loads((corpus / "MANIFEST.json").read_text())
+    s = m["splits"]
+    assert 2_000_000 <= s["train"]["tokens"] <= 20_000_000
+    assert 5_000_000 <= s["train"]["text_bytes"] + s["val"]["text_bytes"] <= 20_000_000
+    assert 20_000 <= s["val"]["tokens"] <= 0.05 * s["train"]["tokens"] and s["val"]["documents"] >= 10
+    assert 20_000 <= s["heldout2"]["tokens"] and s["heldout2"]["documents"] >= 5
+    assert len({split["text_sha256"] for split in s.values()}) == 3
+    data = corpus / "datasets" / "fineweb10B_sp1024"
+    counts = {"train": sum(tg.check_shard(p) for p in tg.shard_files(str(data), "train")),
+              "val": tg.check_shard(data / "fineweb_val_000000.bin"),
+              "heldout2": tg.check_shard(corpus / "datasets" / "heldout2" / "fineweb_val_000000.bin")}
+    assert counts == {name: split["tokens"] for name, split in s.items()}
+    for name, path in (("val", data), ("heldout2", corpus / "datasets" / "heldout2")):
+        tokens = tg.load_validation_tokens(str(path), V)
+        assert tokens[0] == tg.BOS_ID and int((tokens == tg.BOS_ID).sum()) == s[name]["documents"]
+    assert not list((corpus / "datasets" / "heldout2").glob("fineweb_train_*"))  # EVAL_ONLY use only
+
+
+def test_embedded_corpus_dedup_and_split_by_content():
+    """Each docstring is kept once (first occurrence); the split depends on a document's text, not on its
+    position; the held-out package never reaches train or val."""
+    ec = embedded_corpus_module()
+    docs = ec.deduplicate([("stdlib", "a", ["x", "y"]), ("numpy", "b", ["y", "x"]), ("torch", "c", ["z", "x"])])
+    assert docs == [("stdlib", "a", "x\n\ny"), ("torch", "c", "z")]
+    many = [("stdlib" if i % 3 else ec.HELDOUT_PACKAGE, f"t{i}", f"document number {i}") for i in range(3000)]
+    splits = ec.split_documents(many)
+    reverse = ec.split_documents(many[::-1])
+    assert {k: sorted(v) for k, v in splits.items()} == {k: sorted(v) for k, v in reverse.items()}
+    assert len(splits["val"]) > 0 and len(splits["heldout2"]) > 0
+    held = {title for source, title, _ in many if source == ec.HELDOUT_PACKAGE}
+    assert len(held) == 1000 and not held & {title for title, _ in splits["train"] + splits["val"]}
+    assert {title for title, _ in splits["heldout2"]} <= held
+    assert 0.01 < len(splits["val"]) / 2000 < 0.03  # VAL_PER_MILLE = 20 of the non-held-out documents

@@ -1,94 +1,105 @@
-"""Build a small "embedded smoke corpus" from English text that ships with CPython.
+"""Build the "embedded corpus": English technical text that every install of this project already carries.
 
-Lets the training script run end to end on a machine with no dataset: the text is
-pydoc's topic help plus standard-library docstrings, tokenized with a SentencePiece
-BPE model trained on the train split, and written as shards in the official format.
+Lets the training script run end to end on a machine with no dataset. Sources, in a fixed order: pydoc's
+topic help, then the docstrings of the standard library and of the installed requirements numpy, torch
+and matplotlib, read from their source files with `ast` (no imports: fast, no side effects, and the text
+depends only on the installed versions). One document per topic or source file; every docstring is kept
+once (exact duplicates removed, first occurrence wins); documents are never cut.
+
+Splits (by a hash of each document's text, not by its position, so adding a package moves no other
+document): ~2% of the documents are the validation split, the rest train. matplotlib is held out
+entirely: a hash-chosen sample of its documents is a second held-out text ("heldout2", another package
+that neither the model nor the tokenizer ever sees), for checking that conclusions drawn on the
+validation split carry over. The SentencePiece BPE tokenizer is trained on the train split only.
 
     python3 tools/embedded_corpus.py --out data/embedded [--vocab-size 1024] [--force]
+
+Writes, atomically (built in a temporary directory next to --out, then renamed into place):
+  datasets/fineweb10B_sp{V}/fineweb_train_00000{0,1}.bin, fineweb_val_000000.bin
+  datasets/heldout2/fineweb_val_000000.bin       (score it with DATA_PATH=<that dir> EVAL_ONLY=...)
+  tokenizers/fineweb_{V}_bpe.model, .vocab; MANIFEST.json (sources, versions, split statistics)
 """
-import argparse, contextlib, hashlib, importlib, inspect, io, json, os, sys, sysconfig
-import time, warnings
+import argparse, ast, contextlib, hashlib, importlib.util, io, json, os, shutil, sys, sysconfig
+import tempfile, time, warnings
 
 import numpy as np
 import sentencepiece as spm
 
-MAX_TEXT_BYTES = 2_000_000  # stop adding modules once the corpus reaches ~2 MB
-# Modules with import side effects (browser, printing, GUI, cache files; also turtle*),
-# modules whose content depends on what else is installed (distutils may be setuptools'
-# copy), and repetitive or already-used text (codec boilerplate, pydoc_data = topics).
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "lib2to3", "distutils", "encodings",
-        "ensurepip", "pydoc_data"}
+PACKAGES = ("numpy", "torch")        # requirements whose docstrings are training/validation text
+HELDOUT_PACKAGE = "matplotlib"      # held out entirely; a sample of it is the second held-out text
+VAL_PER_MILLE = 20                  # share of documents (by text hash) in the validation split
+HELDOUT2_PER_MILLE = 90            # share of the held-out package's documents written as heldout2
+# Standard-library parts that are not prose about Python (codec tables, vendored tools, GUI demos, the
+# test suite) or whose text is already used (pydoc_data = the topics).
+STDLIB_SKIP = {"idlelib", "tkinter", "lib2to3", "distutils", "encodings", "ensurepip", "pydoc_data",
+               "turtledemo", "site-packages", "dist-packages", "lib-dynload", "venv"}
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 
 
-def stdlib_module_names():
-    """Sorted dotted names of the pure-Python stdlib modules (top level and packages)."""
-    root, names = sysconfig.get_paths()["stdlib"], []
+def source_files(root, skip=()):
+    """Sorted .py files under root, leaving out test suites and the names in skip."""
+    found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        parts = [] if rel == "." else rel.split(os.sep)
-        # Only descend into real packages; this also excludes site-packages, lib-dynload.
-        if parts and not os.path.isfile(os.path.join(dirpath, "__init__.py")):
-            dirnames.clear()
-            continue
-        for f in filenames:
-            if f.endswith(".py"):
-                mod = parts + ([] if f == "__init__.py" else [f[:-3]])
-                if mod and not any(p.startswith(("_", "test")) or p in SKIP for p in mod) \
-                        and not mod[0].startswith("turtle"):
-                    names.append(".".join(mod))
-    return sorted(names)
+        # Sorted in place so the walk order (and with it first-occurrence deduplication) is fixed.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "test")) and d != "__pycache__" and d not in skip)
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.endswith(".py") and not f.startswith("test") and f[:-3] not in skip]
+    return found
 
 
-def module_document(name):
-    """Module docstring + docstrings of its public classes, functions and methods."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            mod = importlib.import_module(name)
-        except (Exception, SystemExit):  # missing C extension, wrong platform, ...
-            return ""
-    docs = [inspect.getdoc(mod)]
-    for key, obj in sorted(vars(mod).items()):
-        # Only objects defined here, so re-exports are not repeated in every importer.
-        if key.startswith("_") or getattr(obj, "__module__", None) != name:
-            continue
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            docs.append(inspect.getdoc(obj))
-        if inspect.isclass(obj):
-            docs += [inspect.getdoc(m) for k, m in sorted(vars(obj).items())
-                     if not k.startswith("_") and inspect.isroutine(m)]
-    # getdoc inherits base-class docstrings; keep each distinct text once per document.
-    unique = dict.fromkeys(d.strip() for d in docs if d and d.strip())
-    return "\n\n".join(unique).strip()
+def file_docstrings(path):
+    """Docstrings of the module and of every class and function in it, in source order."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences in old sources
+            tree = ast.parse(open(path, "rb").read())
+    except (SyntaxError, ValueError):
+        return []
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    docs = [ast.get_docstring(n) for n in [tree] + sorted(nodes, key=lambda n: n.lineno)]
+    return [d.strip() for d in docs if d and d.strip()]
 
 
 def collect_documents():
-    """[(title, text)] in a fixed order: all pydoc topics, then modules up to the cap."""
+    """[(source, title, [docstrings])] in a fixed order: topics, stdlib, PACKAGES, HELDOUT_PACKAGE."""
     from pydoc_data.topics import topics
-    docs = [(f"topic:{k}", topics[k].strip()) for k in sorted(topics) if topics[k].strip()]
-    total = sum(len(t.encode()) for _, t in docs)
-    for name in stdlib_module_names():
-        if total >= MAX_TEXT_BYTES:
-            break
-        text = module_document(name)
-        if text:
-            docs.append((f"module:{name}", text))
-            total += len(text.encode())
+    docs = [("pydoc", f"topic:{k}", [topics[k].strip()]) for k in sorted(topics) if topics[k].strip()]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in source_files(stdlib, STDLIB_SKIP):
+        docs.append(("stdlib", os.path.relpath(path, stdlib), file_docstrings(path)))
+    for package in PACKAGES + (HELDOUT_PACKAGE,):
+        root = os.path.dirname(importlib.util.find_spec(package).origin)
+        for path in source_files(root):
+            docs.append((package, f"{package}:{os.path.relpath(path, root)}", file_docstrings(path)))
     return docs
 
 
+def deduplicate(docs):
+    """Keep each docstring at its first occurrence; drop documents left empty. -> [(source, title, text)]"""
+    seen, out = set(), []
+    for source, title, parts in docs:
+        kept = [p for p in parts if p not in seen]
+        seen.update(kept)
+        if kept:
+            out.append((source, title, "\n\n".join(kept)))
+    return out
+
+
+def bucket(text):
+    """A per-mille bucket from the sha256 of the document's text: the split does not depend on order."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 1000
+
+
 def split_documents(docs):
-    """Every 10th document in sha256(title) order goes to val; top up val to >= 5% of text."""
-    order = sorted(docs, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())
-    is_val = [i % 10 == 0 for i in range(len(order))]
-    size = [len(t.encode()) for _, t in order]
-    for i in range(len(order)):  # only matters if the 10% of docs happen to be short
-        if sum(s for s, v in zip(size, is_val) if v) >= 0.05 * sum(size):
-            break
-        is_val[i] = True
-    return ([d for d, v in zip(order, is_val) if not v], [d for d, v in zip(order, is_val) if v])
+    """-> {"train", "val", "heldout2"}: lists of (title, text)."""
+    splits = {"train": [], "val": [], "heldout2": []}
+    for source, title, text in docs:
+        if source == HELDOUT_PACKAGE:
+            if bucket(text) < HELDOUT2_PER_MILLE:
+                splits["heldout2"].append((title, text))
+        else:
+            splits["val" if bucket(text) < VAL_PER_MILLE else "train"].append((title, text))
+    return splits
 
 
 def train_tokenizer(train_docs, vocab_size):
@@ -130,17 +141,21 @@ def encode(sp, docs):
     return [np.array([sp.bos_id()] + x, dtype="<u2") for x in ids]
 
 
-def write_atomic(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_shard(path, tokens):
     header = np.zeros(256, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    write_atomic(path, header.tobytes() + tokens.astype("<u2").tobytes())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+def versions():
+    """What the corpus depends on: this builder's code and the Python and package versions it reads."""
+    from importlib.metadata import version
+    with open(__file__, "rb") as f:
+        builder = hashlib.sha256(f.read()).hexdigest()
+    return {"builder_sha256": builder, "python": sys.version,
+            **{p: version(p) for p in PACKAGES + (HELDOUT_PACKAGE,)}}
 
 
 def is_up_to_date(out, vocab_size):
@@ -149,43 +164,65 @@ def is_up_to_date(out, vocab_size):
             m = json.load(f)
     except (OSError, ValueError):
         return False
-    return (m.get("python_version") == sys.version and m.get("vocab_size") == vocab_size
+    return (m.get("versions") == versions() and m.get("vocab_size") == vocab_size
             and all(os.path.isfile(os.path.join(out, p)) for p in m.get("files", [])))
+
+
+def write_corpus(tmp, vocab_size, splits):
+    """Tokenizer, shards and manifest into the directory tmp; returns the manifest."""
+    data_dir, tok = f"datasets/fineweb10B_sp{vocab_size}", f"tokenizers/fineweb_{vocab_size}_bpe"
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        sp, model = train_tokenizer(splits["train"], vocab_size)
+    os.makedirs(os.path.join(tmp, "tokenizers"))
+    for path, data in ((tok + ".model", model), (tok + ".vocab", vocab_text(sp).encode())):
+        with open(os.path.join(tmp, path), "wb") as f:
+            f.write(data)
+    ids = {name: encode(sp, docs) for name, docs in splits.items()}
+    # Two train shards (split at a document boundary) to exercise multi-shard reading.
+    half = len(ids["train"]) // 2
+    shards = {f"{data_dir}/fineweb_train_000000.bin": ids["train"][:half],
+              f"{data_dir}/fineweb_train_000001.bin": ids["train"][half:],
+              f"{data_dir}/fineweb_val_000000.bin": ids["val"],
+              "datasets/heldout2/fineweb_val_000000.bin": ids["heldout2"]}
+    for path, parts in shards.items():
+        write_shard(os.path.join(tmp, path), np.concatenate(parts))
+    stats = {name: {"documents": len(docs), "tokens": sum(map(len, ids[name])),
+                    "text_bytes": sum(len(t.encode()) for _, t in docs),
+                    "text_sha256": hashlib.sha256("\0".join(t for _, t in docs).encode()).hexdigest()}
+             for name, docs in splits.items()}
+    return {"versions": versions(), "vocab_size": vocab_size, "tokenizer": said.getvalue().strip(),
+            "sources": {"train_val": ["pydoc_data.topics", "stdlib", *PACKAGES], "heldout2": HELDOUT_PACKAGE},
+            "val_per_mille": VAL_PER_MILLE, "heldout2_per_mille": HELDOUT2_PER_MILLE, "splits": stats,
+            "files": list(shards) + [tok + ".model", tok + ".vocab"]}
 
 
 def build(out, vocab_size):
     t0 = time.time()
-    data_dir, tok = f"datasets/fineweb10B_sp{vocab_size}", f"tokenizers/fineweb_{vocab_size}_bpe"
-    for d in (data_dir, "tokenizers"):
-        os.makedirs(os.path.join(out, d), exist_ok=True)
-    # The manifest marks completeness, so drop any old one before touching other files.
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out, "MANIFEST.json"))
-
-    train_docs, val_docs = split_documents(collect_documents())
-    sp, model = train_tokenizer(train_docs, vocab_size)
-    write_atomic(os.path.join(out, tok + ".model"), model)
-    write_atomic(os.path.join(out, tok + ".vocab"), vocab_text(sp).encode())
-
-    # Two train shards (split at a document boundary) to exercise multi-shard reading.
-    train_ids, val_ids, half = encode(sp, train_docs), encode(sp, val_docs), len(train_docs) // 2
-    shards = {f"{data_dir}/fineweb_train_000000.bin": np.concatenate(train_ids[:half]),
-              f"{data_dir}/fineweb_train_000001.bin": np.concatenate(train_ids[half:]),
-              f"{data_dir}/fineweb_val_000000.bin": np.concatenate(val_ids)}
-    for path, tokens in shards.items():
-        write_shard(os.path.join(out, path), tokens)
-
-    stats = {name: {"documents": len(docs), "tokens": sum(map(len, ids)),
-                    "text_bytes": sum(len(t.encode()) for _, t in docs),
-                    "text_sha256": hashlib.sha256("\0".join(t for _, t in docs).encode()).hexdigest()}
-             for name, docs, ids in (("train", train_docs, train_ids), ("val", val_docs, val_ids))}
-    manifest = {"python_version": sys.version, "vocab_size": vocab_size, "splits": stats,
-                "files": list(shards) + [tok + ".model", tok + ".vocab"]}
-    write_atomic(os.path.join(out, "MANIFEST.json"), json.dumps(manifest, indent=2).encode())
-    for name, s in stats.items():
+    docs = deduplicate(collect_documents())
+    t_read = time.time() - t0
+    splits = split_documents(docs)
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".embedded_tmp_", dir=os.path.dirname(out))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the corpus is ordinary data
+    try:
+        manifest = write_corpus(tmp, vocab_size, splits)
+        with open(os.path.join(tmp, "MANIFEST.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        # The old corpus is moved aside, not deleted first, so a reader never sees a half-written one.
+        old = tmp + ".old"
+        if os.path.exists(out):
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"embedded corpus: {manifest['tokenizer']}")
+    for name, s in manifest["splits"].items():
         print(f"embedded corpus: {name}: {s['documents']} docs, {s['tokens']:,} tokens, "
               f"{s['text_bytes']:,} text bytes")
-    print(f"embedded corpus: written to {out} in {time.time() - t0:.1f}s")
+    print(f"embedded corpus: written to {out} in {time.time() - t0:.1f}s (reading sources {t_read:.1f}s)")
 
 
 def main():
