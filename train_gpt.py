@@ -1632,16 +1632,12 @@ def exact_counts(runs: list, keys: torch.Tensor) -> torch.Tensor:
 
 class NGramCache:
     """Exact counts of (context, next token) for orders NGRAM_EVAL_MIN_ORDER..NGRAM_EVAL_ORDER over
-    tokens that have already been scored, and per context the number of distinct next tokens.
-
-    Key of a pair = order (4 bits) | 49-bit hash of the n - 1 previous tokens | token (10 bits for
-    V=1024), in one int64. All pairs of one context are contiguous in key order, so count(context) is the
-    sum of its pairs' counts (a prefix-sum difference): sum_v count(ctx, v) = count(ctx) by construction,
-    even if two contexts collide in the hash. distinct(ctx) is kept exactly in a second table: a pair adds
-    1 to its context the first time it is ever seen (an exact look-up over all runs before adding).
-
-    Storage: each table a few sorted runs (add_run), so an update is one sort and a look-up one binary
-    search per run, vectorized over a chunk and all orders, on the GPU when there is one."""
+    tokens already scored, and per context the number of distinct next tokens (a second table: a pair adds
+    1 to its context the first time it is ever seen). Key of a pair = order (4 bits) | 49-bit hash of the
+    n - 1 previous tokens | token (10 bits for V=1024), in one int64: all pairs of a context are contiguous
+    in key order, so count(ctx) = sum_v count(ctx, v) by construction (a prefix-sum difference), even if
+    two contexts collide in the hash. Each table is a few sorted runs (add_run): an update is one sort, a
+    look-up one binary search per run, vectorized over a chunk and all orders, on the GPU when there is one."""
 
     PRIME = 2 ** 31 - 1
     BASES = (1_000_003, 1_234_567_891)
@@ -1750,14 +1746,12 @@ def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: tor
 
 
 class LearnedMix:
-    """The mixing parameters, fitted online on targets already scored (C3: the values used for a chunk
-    are fixed before it is scored and learned from earlier chunks only): log beta per (order, model-entropy
-    bin) of the Witten-Bell chain, and log(1/temperature). Starts at plain Witten-Bell (beta = 1) and
-    TTT_TEMPERATURE. After each chunk, a sample of its targets (every FIT_EVERY-th position, chosen from
-    positions only) joins a history of the last FIT_WINDOW chunks' samples, and FIT_STEPS Adam steps are
-    taken on their mean mixed NLL (gradients summed over ranks, so every rank holds the same values).
-    The temperature enters the fit through a second-order expansion of log p_T(target) around the scoring
-    temperature, from the stored target logit offset and logit variance (scoring itself is exact)."""
+    """Mixing parameters fitted online on targets already scored (C3: a chunk's values are fixed before it
+    is scored): log beta per (order, model-entropy bin) of the Witten-Bell chain and log(1/temperature),
+    starting at plain Witten-Bell (beta = 1) and TTT_TEMPERATURE. After each chunk, every FIT_EVERY-th
+    target joins a history of FIT_WINDOW chunks and FIT_STEPS Adam steps are taken on its mean mixed NLL
+    (gradients summed over ranks: every rank holds the same values). The temperature enters the fit by a
+    second-order expansion of log p_T(target) around the scoring temperature (scoring itself is exact)."""
 
     BIN_WIDTH, BINS, FIT_EVERY, FIT_WINDOW, FIT_STEPS, LR = 1.0, 4, 8, 16, 8, 0.05
 

@@ -5,6 +5,7 @@ model and tokenizer never saw). Every row is a fresh `EVAL_ONLY` run of train_gp
 embedded settings; a part's delta = BPB with it off - BPB with everything on (positive: the part helps).
 
     python3 benchmarks/ablate_eval.py ARTIFACT [--corpus data/embedded] [--old-rev 5633f8d] [--out FILE]
+    python3 benchmarks/ablate_eval.py ARTIFACT --sweep TTT_STEPS=3,TTT_LR=0.01 ...   (one row per setting set)
 """
 import argparse
 import os
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +55,13 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "embedded")
     ap.add_argument("--old-rev", default=OLD_REV)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--jobs", type=int, default=1, help="evaluations run at the same time")
+    ap.add_argument("--texts", default="val,heldout2", help="which of val,heldout2 to score")
+    ap.add_argument("--sweep", nargs="+", help="score these comma-separated NAME=VALUE sets instead of the table")
     args = ap.parse_args()
+    rows = [(s, dict(kv.split("=", 1) for kv in s.split(","))) for s in args.sweep] if args.sweep else ROWS
     texts = {"val": args.corpus / "datasets" / "fineweb10B_sp1024", "heldout2": args.corpus / "datasets" / "heldout2"}
+    texts = {k: v for k, v in texts.items() if k in args.texts.split(",")}
     tokenizer = args.corpus / "tokenizers" / "fineweb_1024_bpe.model"
     for path in (args.artifact, tokenizer, *texts.values()):
         if not path.exists():
@@ -64,13 +71,22 @@ def main() -> None:
         old = Path(tmp) / "train_gpt_old.py"
         old.write_bytes(subprocess.run(["git", "show", f"{args.old_rev}:train_gpt.py"], cwd=ROOT, check=True,
                                        capture_output=True).stdout)
-        res = {}
-        for name, settings in ROWS:
+        def one(job):
+            (name, settings), (text, data) = job
             code = old if settings.get("old") else ROOT / "train_gpt.py"
-            for text, data in texts.items():
-                res[name, text] = score(code, args.artifact.resolve(), data, tokenizer,
-                                        {k: v for k, v in settings.items() if k != "old"}, env)
-                print(f"  {name:34s} {text:9s} {res[name, text]['bpb']:.6f}  ({res[name, text]['parts']})", flush=True)
+            r = score(code, args.artifact.resolve(), data, tokenizer, {k: v for k, v in settings.items() if k != "old"}, env)
+            print(f"  {name:34s} {text:9s} {r['bpb']:.6f} {r['seconds']:.1f}s ({r['parts']})", flush=True)
+            return (name, text), r
+        jobs = [(row, t) for row in rows for t in texts.items()]
+        with ThreadPoolExecutor(args.jobs) as pool:  # each job is its own process
+            res = dict(pool.map(one, jobs))
+    if args.sweep:
+        lines = [f"sweep: {n:50s} " + " ".join(f"{t}:{res[n, t]['bpb']:.6f} ({res[n, t]['seconds']:.1f}s)" for t in texts)
+                 for n, _ in rows]
+        print("\n".join(lines))
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return
     lines = [f"ablate_eval: artifact {args.artifact} corpus {args.corpus} old code {args.old_rev}",
              f"{'row':34s} | {'val BPB':>9s} {'delta':>9s} {'eval s':>6s} | {'heldout2':>9s} {'delta':>9s} {'eval s':>6s}"]
     for name, _ in ROWS:

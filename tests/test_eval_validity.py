@@ -630,3 +630,13 @@ def test_ttt_step_on_a_rank_without_sequences(val_tokens, luts):
     before = [p.detach().clone() for p in busy.params]
     busy.step(tokens, 1, hp.eval_seq_len, luts)  # rank 3 owns the sequence and does move
     assert any(not torch.equal(p, b) for p, b in zip(busy.params, before))
+
+
+def test_ttt_lora_shapes_come_from_the_loaded_model(val_tokens, luts):
+    """EVAL_ONLY: the artifact's architecture may differ from the settings' MODEL_DIM / NUM_KV_HEADS; the
+    adapters take the loaded model's shapes and a step runs."""
+    hp = tiny_hp()
+    arch = tiny_hp(model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8)
+    ttt = tg.TestTimeTrainer(make_model(arch), hp, tg.Dist())
+    assert {tuple(l.B.shape) for l in ttt.loras} == {(32, hp.ttt_lora_rank), (16, hp.ttt_lora_rank)}
+    ttt.step(val_tokens[:2 * hp.eval_seq_len].long(), 1, hp.eval_seq_len, luts)
