@@ -143,10 +143,10 @@ class Hyperparameters:
     ttt_temperature: float = 1.0          # the scoring temperature (the start value when it is learned)
     ttt_lora_rank: int = 8
     ttt_last_n: int = 2
-    ttt_lr: float = 0.003
-    ttt_steps: int = 1                    # LoRA steps on each chunk after it is scored
+    ttt_lr: float = 0.03                  # chosen by logs/sweep_ttt_eval_20261126.txt (0.003, 0.01, 0.03)
+    ttt_steps: int = 3                    # AdamW steps on each chunk after it is scored
     ttt_grad_clip: float = 1.0
-    ttt_polyak_decay: float = 0.998
+    ttt_polyak_decay: float = 0.0         # 0: score with the live adapters (0.998 was inert)
     ngram_enabled: bool = True
     ngram_eval_order: int = 9
     ngram_eval_min_order: int = 2

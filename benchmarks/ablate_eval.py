@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--texts", default="val,heldout2", help="which of val,heldout2 to score")
     ap.add_argument("--sweep", nargs="+", help="score these comma-separated NAME=VALUE sets instead of the table")
     args = ap.parse_args()
+    args.corpus = args.corpus.resolve()
     rows = [(s, dict(kv.split("=", 1) for kv in s.split(","))) for s in args.sweep] if args.sweep else ROWS
     texts = {"val": args.corpus / "datasets" / "fineweb10B_sp1024", "heldout2": args.corpus / "datasets" / "heldout2"}
     texts = {k: v for k, v in texts.items() if k in args.texts.split(",")}
