@@ -2085,7 +2085,8 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     clock = time.perf_counter()
     model = model_from_artifact(artifact, hp, d)
     rt_loss, rt_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
-    log_final("final_int5_roundtrip_contiguous", rt_loss, rt_bpb, log, f" quant_gap_bpb:{rt_bpb - prequant_bpb:.4f}")
+    log_final("final_int5_roundtrip_contiguous", rt_loss, rt_bpb, log,
+              "" if math.isnan(prequant_bpb) else f" quant_gap_bpb:{rt_bpb - prequant_bpb:.4f}")
     r = evaluate(model, val_tokens, luts, hp, d, log, use_ngram=hp.ngram_enabled, use_ttt=hp.ttt_enabled,
                  clock_start=clock, label="integrated", dump_path=hp.eval_dump_path)
     eval_s = time.perf_counter() - clock
