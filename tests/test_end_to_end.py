@@ -45,8 +45,8 @@ def test_main_job_log_in_order(main_run):
         r"^gptq: ",
         r"^Code size: \d+ bytes",
         r"^Total submission size: \d+ bytes",
-        r"^final_int5_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}",
-        r"^final_int5_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+        r"^final_int5_roundtrip_contiguous val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}",
+        r"^final_int5_roundtrip_contiguous_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
         r"^ngram_audit: ",
         r"^final_integrated val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}",
         r"^final_integrated_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
@@ -85,7 +85,7 @@ def test_submission_json(main_run):
     comp = sub["components"]
     assert isinstance(comp, dict)
     assert comp.get("integrated_bpb") == bpb
-    assert comp.get("int5_roundtrip_val_bpb") == exact_numbers(main_run)["final_int5_roundtrip"][1]
+    assert comp.get("int5_roundtrip_contiguous_val_bpb") == exact_numbers(main_run)["final_int5_roundtrip_contiguous"][1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,13 +101,13 @@ def test_same_seed_identical_different_seed_differs(main_run, corpus_env, tmp_pa
     r = run_script({**corpus_env, "ITERATIONS": "6", "SEED": "7"}, other)
     assert r.returncode == 0, r.stderr[-4000:]
     base = exact_numbers(main_run)
-    assert set(base) >= {"final_int5_roundtrip", "final_integrated"}
+    assert set(base) >= {"final_int5_roundtrip_contiguous", "final_integrated"}
     assert exact_numbers(same) == base
     assert train_losses(same) == train_losses(main_run)
     assert (same / "final_model.int5.xz").read_bytes() == (main_run / "final_model.int5.xz").read_bytes()
     diff = exact_numbers(other)
     assert diff["final_integrated"] != base["final_integrated"]
-    assert diff["final_int5_roundtrip"] != base["final_int5_roundtrip"]
+    assert diff["final_int5_roundtrip_contiguous"] != base["final_int5_roundtrip_contiguous"]
     assert (other / "final_model.int5.xz").read_bytes() != (main_run / "final_model.int5.xz").read_bytes()
     assert json.loads((other / "submission.json").read_text())["seed"] == 7
 

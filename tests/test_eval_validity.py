@@ -7,6 +7,7 @@ made once by a tiny main-job run.
 """
 import collections
 import copy
+import dataclasses
 import math
 import re
 import shutil
@@ -22,9 +23,6 @@ from conftest import run_script, tiny_hp
 
 V = 1024
 TEMP = 0.98
-# SPEC §5 constants, written out here so the test does not read them back from the code under test.
-SPEC_CENTERS = {9: 2.5, 8: 2.75, 7: 3.0, 6: 3.2, 5: 3.5, 4: 3.8, 3: 4.2, 2: 4.5}
-SPEC_MULTS = {9: 2.0, 8: 2.0, 7: 2.0, 6: 2.0, 5: 2.0, 4: 1.0, 3: 0.3, 2: 0.3}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,7 +42,9 @@ def make_model(hp, seed: int = 0, noise: float = 0.2) -> "tg.GPT":
 
 
 def run_eval(hp, tokens, luts, *, ngram=True, ttt=True, temperature=TEMP, seed=0):
-    return tg.evaluate(make_model(hp, seed), tokens, luts, hp, tg.Dist(), tg.RunLog(None), temperature,
+    """The integrated pass with everything on (learned mixing starts from `temperature`)."""
+    hp = dataclasses.replace(hp, ttt_temperature=temperature)
+    return tg.evaluate(make_model(hp, seed), tokens, luts, hp, tg.Dist(), tg.RunLog(None),
                        use_ngram=ngram, use_ttt=ttt, dump_path=hp.eval_dump_path)
 
 
@@ -53,11 +53,13 @@ def load_dump(path) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def ref_counters(tokens: list, positions, orders=range(2, 10)):
+def ref_counters(tokens: list, positions, orders=range(2, 10), distinct=False):
     """Dictionary reference: for each order n, Counter of (context tuple of n-1 tokens, next token) and
-    Counter of context tuples, over target positions p (context = tokens[p-n+1:p], needs p >= n-1)."""
+    Counter of context tuples, over target positions p (context = tokens[p-n+1:p], needs p >= n-1);
+    with distinct=True also {n: {context: set of next tokens}}."""
     pair = {n: collections.Counter() for n in orders}
     ctx = {n: collections.Counter() for n in orders}
+    nxt = {n: collections.defaultdict(set) for n in orders}
     for p in positions:
         for n in orders:
             if p - (n - 1) < 0:
@@ -65,7 +67,26 @@ def ref_counters(tokens: list, positions, orders=range(2, 10)):
             c = tuple(tokens[p - n + 1:p])
             pair[n][(c, tokens[p])] += 1
             ctx[n][c] += 1
-    return pair, ctx
+            nxt[n][c].add(tokens[p])
+    return (pair, ctx, nxt) if distinct else (pair, ctx)
+
+
+def ref_witten_bell(tokens: list, p: int, history, lp_model: torch.Tensor, beta: dict, smooth=True, orders=range(2, 10)):
+    """The full interpolated Witten-Bell distribution at target position p from dictionaries over the
+    target positions `history`: p_n(v) = (c_n(v) + b_n u_n p_{n-1}(v)) / (C_n + b_n u_n), lowest order
+    first, starting from the model; an unseen context leaves p unchanged. smooth=False: only the highest
+    seen order. Returns (V,) float64."""
+    pair, ctx, nxt = ref_counters(tokens, history, orders, distinct=True)
+    seen = [n for n in orders if p - (n - 1) >= 0 and ctx[n][tuple(tokens[p - n + 1:p])] > 0]
+    dist = lp_model.exp().clone()
+    for n in (seen if smooth else seen[-1:]):
+        h = tuple(tokens[p - n + 1:p])
+        counts = torch.zeros(V, dtype=torch.float64)
+        for v in nxt[n][h]:
+            counts[v] = pair[n][(h, v)]
+        kappa = beta[n] * len(nxt[n][h])
+        dist = (counts + kappa * dist) / (ctx[n][h] + kappa)
+    return dist
 
 
 # The only two places that know the cache's look-up API (context keys per order, then counts).
@@ -171,66 +192,39 @@ def test_c1_causal_perturb_future(t, stream, luts, base_run, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_c2_full_mixed_distribution_is_normalized(stream, luts, monkeypatch):
-    """At sampled targets of every chunk, build the full mixed distribution in the test from the cache's
-    counts over the whole vocabulary and the model's own distribution (recomputed from the window's
-    input): non-negative, sums to 1 within 1e-6, its target entry is the scored mixed probability, the
-    weight follows the SPEC formula from (entropy, order) only, and the order is the highest with a
-    context count >= 2."""
+    """At sampled targets of every chunk, build the full mixed distribution in the test: the model's own
+    distribution (recomputed from the window's input at the chunk's temperature) smoothed by a dictionary
+    Witten-Bell reference over the earlier chunks' tokens with the escape weights the mixer uses for that
+    target: non-negative, sums to 1 within 1e-6, and its target entry is the scored mixed probability."""
     hp = tiny_hp()
     model = make_model(hp)
     windows = tg.make_windows(stream.numel(), hp.eval_seq_len, hp.eval_stride)
-    tokens = stream.long()
-    original = tg.ngram_mix
+    toks, C = stream.tolist(), hp.ttt_chunk_tokens
+    original = tg.ngram_audit
     gen = torch.Generator().manual_seed(7)
     checked = collections.Counter()
 
-    def wrapper(cache, mix, toks, sc):
-        m = original(cache, mix, toks, sc)
+    def wrapper(cache, mixer, tokens, sc, mixed):
+        out = original(cache, mixer, tokens, sc, mixed)
+        T, lo = mixer.temperature, int(sc.pos.min())
         with torch.no_grad():
-            order = m["order"]
-            cand_ng = torch.nonzero(order > 0).flatten()
-            cand_0 = torch.nonzero(order == 0).flatten()
-            pick = torch.cat([cand_ng[torch.randperm(cand_ng.numel(), generator=gen)[:4]],
-                              cand_0[torch.randperm(cand_0.numel(), generator=gen)[:2]]])
-            vocab = torch.arange(V)
-            for i in pick.tolist():
+            for i in torch.randperm(sc.pos.numel(), generator=gen)[:6].tolist():
                 p = int(sc.pos[i])
                 start, _, end = find_window(windows, p)
-                h = model.hidden(toks[start:end][None])[0, p - 1 - start]
-                lp = torch.log_softmax(model.logits(h).double() / TEMP, dim=-1)
-                tgt = int(toks[p])
-                assert abs(float(lp[tgt]) - float(sc.logp[i])) < 1e-5
-                H = float(-(lp.exp() * lp).sum())
-                # order: highest n whose context count >= 2 (0 if none)
-                at = torch.tensor([p])
-                want_order = 0
-                for n in range(9, 1, -1):
-                    cc, _, valid = cache_lookup(cache, toks, at, n)
-                    if bool(valid[0]) and int(cc[0]) >= 2:
-                        want_order = n
-                        break
-                n = int(order[i])
-                assert n == want_order
-                if n > 0:
-                    cc, pc, _ = cache_lookup(cache, toks, at, n, vocab[None, :])
-                    assert int(pc.sum()) == int(cc[0]) >= 2
-                    assert bool((pc >= 0).all())
-                    p_ng = pc[0].double() / float(cc[0])
-                    a = SPEC_MULTS[n] * (0.12 + 0.48 / (1 + math.exp(-2 * (H - SPEC_CENTERS[n]))))
-                    a = min(max(a, 0.0), 0.95)
-                else:
-                    p_ng, a = torch.zeros(V, dtype=torch.float64), 0.0
-                assert abs(float(m["alpha"][i]) - a) < 1e-6
-                pm = (1 - a) * lp.exp() + a * p_ng
+                h = model.hidden(tokens[start:end][None])[0, p - 1 - start]
+                lp = torch.log_softmax(model.logits(h).double() / T, dim=-1)
+                assert abs(float(lp[toks[p]]) - float(sc.logp[i])) < 1e-5
+                beta = dict(zip(cache.orders, mixer.beta(sc.entropy[i:i + 1])[:, 0].tolist()))
+                pm = ref_witten_bell(toks, p, range(1, lo), lp, beta)
                 assert float(pm.min()) >= 0.0
                 assert abs(float(pm.sum()) - 1.0) < 1e-6
-                assert abs(math.log(float(pm[tgt])) - float(m["logp"][i])) < 1e-5
-                checked[n > 0] += 1
-        return m
+                assert abs(math.log(float(pm[toks[p]])) - float(mixed[i])) < 1e-5
+                checked[lo > 1] += 1
+        return out
 
-    monkeypatch.setattr(tg, "ngram_mix", wrapper)
-    res = tg.evaluate(model, stream, luts, hp, tg.Dist(), tg.RunLog(None), TEMP, use_ngram=True, use_ttt=True)
-    assert checked[True] >= 10 and checked[False] >= 6, checked
+    monkeypatch.setattr(tg, "ngram_audit", wrapper)
+    res = tg.evaluate(model, stream, luts, hp, tg.Dist(), tg.RunLog(None), use_ngram=True, use_ttt=True)
+    assert checked[True] >= 25 and checked[False] >= 6, checked
     max_sum_err, neg_min_p, target_err, mismatches = res.audit
     assert max_sum_err <= 1e-6
     assert -neg_min_p >= 0.0  # min p >= 0
@@ -238,17 +232,51 @@ def test_c2_full_mixed_distribution_is_normalized(stream, luts, monkeypatch):
     assert mismatches == 0
 
 
-def test_c2_audit_values(base_run):
+@pytest.mark.parametrize("smooth", [True, False])
+def test_witten_bell_equals_dictionary_reference(smooth):
+    """cache.stats over the whole vocabulary + tg.witten_bell with random escape weights and a random model
+    distribution equal the dictionary reference at every position of a small-alphabet text (many
+    repeated contexts), sum to 1, and the target-only path gives the same entry."""
+    gen = torch.Generator().manual_seed(2)
+    toks_t = torch.randint(0, 5, (900,), generator=gen)
+    toks = toks_t.tolist()
+    cache = tg.NGramCache(2, 9, V, torch.device("cpu"))
+    for lo, hi in ((1, 300), (300, 301), (301, 700)):
+        cache.update(toks_t, torch.arange(lo, hi))
+    pos = torch.arange(700, 760)
+    lp = torch.log_softmax(3 * torch.randn(pos.numel(), V, generator=gen, dtype=torch.float64), -1)
+    beta = torch.rand(len(cache.orders), pos.numel(), generator=gen, dtype=torch.float64) * 3 + 0.1
+    full, alpha = tg.witten_bell(lp, *cache.stats(toks_t, pos, torch.arange(V).expand(pos.numel(), V)), beta, smooth)
+    tgt, _ = tg.witten_bell(lp.gather(1, toks_t[pos][:, None])[:, 0], *cache.stats(toks_t, pos), beta, smooth)
+    assert torch.allclose(full.exp().sum(1), torch.ones(pos.numel(), dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.allclose(full.gather(1, toks_t[pos][:, None])[:, 0], tgt, atol=1e-12, rtol=0)
+    assert bool((alpha > 0).all()) and bool((alpha < 1).all())
+    for j, p in enumerate(pos.tolist()):
+        ref = ref_witten_bell(toks, p, range(1, 700), lp[j], dict(zip(cache.orders, beta[:, j].tolist())), smooth)
+        assert torch.allclose(full[j].exp(), ref, atol=1e-12, rtol=0), p
+
+
+def test_c2_audit_values(base_run, stream):
+    """The run's audit, and the dump's full distributions: audit_pos = NGRAM_AUDIT_POSITIONS positions
+    spread over the whole pass (first and last target included, the same for any text of this length),
+    each audit_p row sums to 1 and holds the scored mixed probability at the target."""
     res, dump = base_run
     max_sum_err, neg_min_p, target_err, mismatches = res.audit
     assert max_sum_err <= 1e-6 and -neg_min_p >= 0.0 and target_err <= 1e-9 and mismatches == 0
     assert (dump["order"] > 0).sum() > 1000  # the cache was really used
+    pos, p = dump["audit_pos"], dump["audit_p"]
+    K, N = tiny_hp().ngram_audit_positions, stream.numel()
+    assert pos.dtype == np.int64 and p.dtype == np.float64 and pos.shape == (K,) and p.shape == (K, V)
+    assert pos[0] == 1 and pos[-1] == N - 1 and (np.diff(pos) > 0).all()
+    assert np.array_equal(pos, tg.audit_positions(N, K).numpy())  # a function of N and K only
+    assert np.abs(p.sum(1) - 1).max() < 1e-6 and (p >= 0).all()
+    np.testing.assert_allclose(-np.log(p[np.arange(K), stream.numpy()[pos]]), dump["mixed_nll"][pos - 1], rtol=0, atol=1e-9)
 
 
 def _check_cache_against_reference(cache, toks_t: torch.Tensor, upto: int, gen: torch.Generator, n_random=300):
     """Every (context, token) pair seen in positions < upto, plus random unseen ones, for every order."""
     toks = toks_t.tolist()
-    pair, ctx = ref_counters(toks, range(1, upto))
+    pair, ctx, nxt = ref_counters(toks, range(1, upto), distinct=True)
     all_pos = torch.arange(1, upto)
     for n in range(2, 10):
         pos = all_pos[all_pos >= n - 1]
@@ -257,6 +285,8 @@ def _check_cache_against_reference(cache, toks_t: torch.Tensor, upto: int, gen: 
         want_cc = [ctx[n][tuple(toks[p - n + 1:p])] for p in pos.tolist()]
         assert pc == want_pc, f"order {n}: pair counts differ"
         assert cc == want_cc, f"order {n}: context counts differ"
+        u = cache.stats(toks_t, pos)[2][cache.orders.index(n)].long().tolist()
+        assert u == [len(nxt[n][tuple(toks[p - n + 1:p])]) for p in pos.tolist()], f"order {n}: distinct differ"
         # random contexts/tokens (almost all unseen), and seen contexts with random next tokens
         rnd = torch.randint(0, V, (n_random, n), generator=gen)
         seen = torch.stack([toks_t[p - n + 1:p + 1] for p in pos[torch.randint(0, pos.numel(), (n_random,),
@@ -316,11 +346,12 @@ def test_c3_cache_holds_exactly_earlier_chunks_when_scoring(stream, luts, monkey
     hp = tiny_hp()
     C = hp.ttt_chunk_tokens
     toks = stream.tolist()
-    original = tg.ngram_mix
+    original = tg.ngram_stats
     seen_chunks = []
 
-    def wrapper(cache, mix, tokens, sc):
-        pos = sc.pos
+    def wrapper(cache, tokens, pos, tgt=None):
+        if tgt is not None:  # the audit's whole rows: checked elsewhere
+            return original(cache, tokens, pos, tgt)
         lo = int(pos.min())
         c = (lo - 1) // C
         assert lo == c * C + 1 and int(pos.max()) == min((c + 1) * C, len(toks) - 1)
@@ -333,9 +364,9 @@ def test_c3_cache_holds_exactly_earlier_chunks_when_scoring(stream, luts, monkey
         if c == 0:
             assert cache.entries() == 0
         seen_chunks.append(c)
-        return original(cache, mix, tokens, sc)
+        return original(cache, tokens, pos)
 
-    monkeypatch.setattr(tg, "ngram_mix", wrapper)
+    monkeypatch.setattr(tg, "ngram_stats", wrapper)
     run_eval(hp, stream, luts)
     assert seen_chunks == list(range(6))
 
@@ -349,11 +380,11 @@ def test_c3_lora_used_for_chunk_depends_only_on_earlier_chunks(stream, luts, mon
     original = tg.score_windows
 
     def record(store):
-        def wrapper(model, hidden_fn, tokens, windows, hp_, temperature, d, n_audit):
+        def wrapper(model, hidden_fn, tokens, windows, hp_, temperature, d, audit_pos):
             ls = loras(model)
             assert ls and all(l.use_average for l in ls)
             store.append([(l.A_avg.clone(), l.B_avg.clone()) for l in ls])
-            return original(model, hidden_fn, tokens, windows, hp_, temperature, d, n_audit)
+            return original(model, hidden_fn, tokens, windows, hp_, temperature, d, audit_pos)
         return wrapper
 
     base, alt = [], []
@@ -375,6 +406,38 @@ def test_c3_lora_used_for_chunk_depends_only_on_earlier_chunks(stream, luts, mon
         for (A1, B1), (A2, B2) in zip(base[c], alt[c]):
             assert torch.equal(A1, A2) and torch.equal(B1, B2), f"LoRA used for chunk {c} saw later tokens"
     assert any(not torch.equal(B1, B2) for (_, B1), (_, B2) in zip(base[c_alt + 1], alt[c_alt + 1]))
+
+
+def test_c3_learned_mix_never_uses_the_chunk_it_scores(stream, luts, monkeypatch):
+    """Record the mixing parameters (escape weights, temperature) each chunk is mixed with. Altering the
+    tokens of chunks >= c leaves those of chunks 0..c bit-identical; chunk 0 uses the neutral start (beta
+    = 1, TTT_TEMPERATURE); the parameters do move, and the alteration shows up from chunk c+1."""
+    hp = tiny_hp()
+    C, c_alt = hp.ttt_chunk_tokens, 3
+    original = tg.LearnedMix.mix
+
+    def record(store):
+        def wrapper(self, lp_model, entropy, *stats):
+            if lp_model.dim() == 1:  # the scored targets (not the audit rows)
+                store.append(self.theta.detach().clone())
+            return original(self, lp_model, entropy, *stats)
+        return wrapper
+
+    base, alt = [], []
+    monkeypatch.setattr(tg.LearnedMix, "mix", record(base))
+    run_eval(hp, stream, luts)
+    changed = stream.clone()
+    g = torch.Generator().manual_seed(13)
+    first = c_alt * C + 1
+    changed[first:] = (changed[first:] + torch.randint(1, V, (changed.numel() - first,), generator=g)) % V
+    monkeypatch.setattr(tg.LearnedMix, "mix", record(alt))
+    run_eval(hp, changed, luts)
+    assert len(base) == len(alt) == 6
+    assert bool((base[0][:-1] == 0).all()) and abs(math.exp(-float(base[0][-1])) - TEMP) < 1e-12
+    assert all(not torch.equal(base[c], base[c + 1]) for c in range(5))
+    for c in range(c_alt + 1):
+        assert torch.equal(base[c], alt[c]), f"mixing parameters of chunk {c} saw later tokens"
+    assert not torch.equal(base[c_alt + 1], alt[c_alt + 1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,14 +481,20 @@ def test_c4_make_windows_partition(N, L, stride):
 # integrated pass with the cache off == plain sliding-window eval; naive reference NLL
 # ------------------------------------------------------------------------------------------------
 
-def test_alpha_zero_integrated_equals_plain_sliding_window(stream, luts):
-    hp = tiny_hp(ngram_eval_alpha_min=0.0, ngram_eval_alpha_max=0.0)
-    integrated = run_eval(hp, stream, luts, ngram=True, ttt=False, temperature=1.0)
-    plain = run_eval(hp, stream, luts, ngram=False, ttt=False, temperature=1.0)
-    assert integrated.mixed_loss == plain.mixed_loss
-    assert integrated.mixed_bpb == plain.mixed_bpb
-    assert integrated.model_bpb == plain.model_bpb == plain.mixed_bpb
-    assert integrated.n_targets == plain.n_targets and integrated.n_bytes == plain.n_bytes
+def test_cache_leaves_model_scores_and_first_chunk_alone(stream, luts, tmp_path):
+    """With learned mixing and TTT off, the n-gram pass scores the model exactly as the plain sliding
+    window does; in the first chunk (empty cache) the mixed NLL equals the model's."""
+    dumps = []
+    for ngram in (True, False):
+        hp = tiny_hp(eval_learned_mix=False, eval_dump_path=str(tmp_path / f"{ngram}.npz"))
+        res = run_eval(hp, stream, luts, ngram=ngram, ttt=False, temperature=1.0)
+        dumps.append((res, load_dump(hp.eval_dump_path)))
+    (r1, d1), (r0, d0) = dumps
+    assert r1.model_bpb == r0.model_bpb == r0.mixed_bpb and r1.mixed_bpb < r0.mixed_bpb
+    assert np.array_equal(d1["model_nll"], d0["model_nll"]) and np.array_equal(d0["mixed_nll"], d0["model_nll"])
+    C = tiny_hp().ttt_chunk_tokens
+    assert np.array_equal(d1["mixed_nll"][:C], d1["model_nll"][:C])
+    assert r1.n_targets == r0.n_targets and r1.n_bytes == r0.n_bytes
 
 
 @pytest.mark.parametrize("temperature", [1.0, TEMP])
@@ -433,9 +502,9 @@ def test_sliding_window_nll_matches_naive_loop(temperature, stream, luts, tmp_pa
     """For a few targets t, run the model on tokens[s:t] (s = the start of t's window from make_windows)
     and take the last position's log-softmax: equals the dump's model_nll to 1e-5."""
     path = tmp_path / "dump.npz"
-    hp = tiny_hp(eval_dump_path=str(path))
+    hp = tiny_hp(eval_dump_path=str(path), ttt_temperature=temperature, eval_learned_mix=False)
     model = make_model(hp)
-    tg.evaluate(copy.deepcopy(model), stream, luts, hp, tg.Dist(), tg.RunLog(None), temperature,
+    tg.evaluate(copy.deepcopy(model), stream, luts, hp, tg.Dist(), tg.RunLog(None),
                 use_ngram=False, use_ttt=False, dump_path=hp.eval_dump_path)
     dump = load_dump(path)
     windows = tg.make_windows(stream.numel(), hp.eval_seq_len, hp.eval_stride)
@@ -510,7 +579,8 @@ def test_eval_only_two_processes_match_one(eval_only_runs, val_tokens):
 
 
 def test_eval_budget_guard(artifact, corpus_env, tmp_path):
-    r = run_script({**corpus_env, "EVAL_ONLY": str(artifact), "EVAL_BUDGET_SECONDS": "0.001"}, tmp_path)
+    r = run_script({**corpus_env, "EVAL_ONLY": str(artifact), "EVAL_BUDGET_SECONDS": "0.001",
+                    "EVAL_BUDGET_STOP": "1"}, tmp_path)
     assert r.returncode != 0
     log = (tmp_path / "logs" / "test.txt").read_text()
     # (the log also holds the script's source, so match whole log lines)
@@ -518,6 +588,15 @@ def test_eval_budget_guard(artifact, corpus_env, tmp_path):
     assert "EVAL_BUDGET_SECONDS" in r.stderr
     assert not re.search(r"^final_integrated", log, re.M) and "final_integrated" not in r.stdout
     assert not (tmp_path / "submission.json").exists()
+
+
+def test_eval_budget_overrun_finishes_and_is_marked(artifact, corpus_env, tmp_path):
+    """By default an overrun pass is finished (a full score, never a partial one) and marked non-compliant."""
+    r = run_script({**corpus_env, "EVAL_ONLY": str(artifact), "EVAL_BUDGET_SECONDS": "0.001"}, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    assert re.search(r"^final_integrated val_loss:", log, re.M)
+    assert re.search(r"^compliant: NO: evaluation budget overrun by ", log, re.M)
 
 
 def test_eval_only_reads_no_train_shard_content(artifact, corpus_env, eval_only_runs, tmp_path):
@@ -561,3 +640,13 @@ def test_ttt_step_on_a_rank_without_sequences(val_tokens, luts):
     before = [p.detach().clone() for p in busy.params]
     busy.step(tokens, 1, hp.eval_seq_len, luts)  # rank 3 owns the sequence and does move
     assert any(not torch.equal(p, b) for p, b in zip(busy.params, before))
+
+
+def test_ttt_lora_shapes_come_from_the_loaded_model(val_tokens, luts):
+    """EVAL_ONLY: the artifact's architecture may differ from the settings' MODEL_DIM / NUM_KV_HEADS; the
+    adapters take the loaded model's shapes and a step runs."""
+    hp = tiny_hp()
+    arch = tiny_hp(model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8)
+    ttt = tg.TestTimeTrainer(make_model(arch), hp, tg.Dist())
+    assert {tuple(l.B.shape) for l in ttt.loras} == {(32, hp.ttt_lora_rank), (16, hp.ttt_lora_rank)}
+    ttt.step(val_tokens[:2 * hp.eval_seq_len].long(), 1, hp.eval_seq_len, luts)

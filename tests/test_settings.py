@@ -29,7 +29,7 @@ def test_parse_types():
         "NUM_LAYERS": "9", "TRAIN_BATCH_TOKENS": "524_288", "ARTIFACT_SIZE_CAP": "15_999_999",
         "SEED": "-7", "MATRIX_LR_ENCODER": "0.0125", "ADAM_EPS": "1e-9", "MAX_WALLCLOCK_SECONDS": "300",
         "TTT_ENABLED": "0", "RUN_ID": "my_run", "DATA_PATH": "/data/x", "GPTQ_CLIP_LEVELS": "1.0,0.9",
-        "NGRAM_EVAL_ORDER": "4", "NGRAM_EVAL_CENTERS": "4:3.0,3:4.0,2:4.5", "NGRAM_EVAL_MULTS": "4:1,3:0.3,2:0.3",
+        "NGRAM_EVAL_ORDER": "4", "NGRAM_SMOOTH": "0", "TTT_STEPS": "3",
     })
     assert hp.num_layers == 9 and isinstance(hp.num_layers, int)
     assert hp.train_batch_tokens == 524288 and hp.artifact_size_cap == 15_999_999
@@ -40,7 +40,7 @@ def test_parse_types():
     assert hp.ttt_enabled is False
     assert hp.run_id == "my_run" and hp.data_path == "/data/x"
     assert hp.clip_levels() == (1.0, 0.9)
-    assert hp.ngram_table("ngram_eval_centers") == {4: 3.0, 3: 4.0, 2: 4.5}
+    assert hp.ngram_eval_order == 4 and hp.ngram_smooth is False and hp.ttt_steps == 3
 
 
 @pytest.mark.parametrize("text,value", [("0", False), ("1", True), ("true", True), ("false", False),
@@ -77,11 +77,6 @@ def test_unparsable_value_names_variable(var, text):
     ({"XSA_LAST_N": "12"}, "XSA_LAST_N"),
     ({"VE_LAST_N": "12"}, "VE_LAST_N"),
     ({"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE"),
-    ({"NGRAM_EVAL_CENTERS": "9:2.5,8"}, "NGRAM_EVAL_CENTERS"),
-    ({"NGRAM_EVAL_CENTERS": "abc"}, "NGRAM_EVAL_CENTERS"),
-    ({"NGRAM_EVAL_CENTERS": "9:2.5,8:x"}, "NGRAM_EVAL_CENTERS"),
-    ({"NGRAM_EVAL_CENTERS": "9:2.5,8:2.75"}, "NGRAM_EVAL_CENTERS"),  # orders 2..7 missing
-    ({"NGRAM_EVAL_MULTS": ""}, "NGRAM_EVAL_MULTS"),
     ({"GPTQ_CLIP_LEVELS": "2.0"}, "GPTQ_CLIP_LEVELS"),
     ({"GPTQ_CLIP_LEVELS": "1.0,0"}, "GPTQ_CLIP_LEVELS"),
     ({"GPTQ_CLIP_LEVELS": "a,b"}, "GPTQ_CLIP_LEVELS"),
@@ -98,7 +93,7 @@ def test_unparsable_value_names_variable(var, text):
     ({"EXPORT_RESERVE_SECONDS": "600"}, "EXPORT_RESERVE_SECONDS"),
     ({"MAX_WALLCLOCK_SECONDS": "0", "ITERATIONS": "0"}, "ITERATIONS"),
     ({"NGRAM_EVAL_MIN_ORDER": "1"}, "NGRAM_EVAL_MIN_ORDER"),
-    ({"NGRAM_EVAL_ALPHA_MIN": "0.7"}, "NGRAM_EVAL_ALPHA_MIN"),
+    ({"TTT_STEPS": "0"}, "TTT_STEPS"),
 ])
 def test_out_of_range_names_variable(env, var):
     with pytest.raises(tg.GolfError, match=rf"\b{var}\b"):
