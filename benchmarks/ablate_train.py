@@ -7,7 +7,7 @@ data/embedded) at the CPU shape of run.sh's embedded_settings (read from run.sh,
 step-based (MAX_WALLCLOCK_SECONDS=0, ITERATIONS=--steps: every schedule follows the step count, so runs
 are comparable whatever else the machine is doing), OMP_NUM_THREADS=1, at most --jobs runs at once, each
 in its own temporary OUTPUT_DIR. Per run it reads from the logs:
-  model-only BPB   `final_int5_roundtrip_exact` (the artifact's model alone, the same sliding evaluator
+  model-only BPB   `final_int5_roundtrip_contiguous_exact` (the artifact's model alone, the same contiguous evaluator
                    for every configuration)
   integrated BPB   `final_integrated_exact` (n-gram cache + LoRA TTT, the reported number)
   s/step           `step_avg:` of the last training log line (wall seconds per step, 1 thread)
@@ -86,7 +86,7 @@ def run_one(base: dict, name: str, seed: int, steps: int) -> dict:
             raise RuntimeError(f"ablate_train: {name} seed {seed} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
         log = p.stdout
         r = dict(config=name, seed=seed, steps=steps,
-                 model_bpb=last(rf"final_int5_roundtrip_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_int5_roundtrip"),
+                 model_bpb=last(rf"final_int5_roundtrip_contiguous_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_int5_roundtrip_contiguous"),
                  integrated_bpb=last(rf"final_integrated_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_integrated"),
                  s_per_step=last(rf"step_avg:{FLOAT}ms", log, "step_avg") / 1000)
         env.update(EVAL_ONLY=str(Path(out) / "final_model.int5.xz"), RUN_ID="heldout2",
