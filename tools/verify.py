@@ -282,7 +282,8 @@ def check_causal(base: dict, cut_run: dict, cut: int) -> tuple:
         return FAIL, f"tokens >= {cut} permuted: {diff}"
     if np.array_equal(a["mixed_nll"][cut - 1:], b["mixed_nll"][cut - 1:]):
         return FAIL, f"tokens >= {cut} permuted but no later score changed: the check is vacuous"
-    return PASS, f"tokens >= {cut} permuted: targets 1..{cut - 1} bit-identical ({', '.join(DUMP_KEYS)})"
+    rows = f", audit_p at {int((a['audit_pos'] < cut).sum())} audited targets" if "audit_p" in a else ""
+    return PASS, f"tokens >= {cut} permuted: targets 1..{cut - 1} bit-identical ({', '.join(DUMP_KEYS)}{rows})"
 
 
 def audit_arrays(base: dict) -> str | None:
