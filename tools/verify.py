@@ -21,9 +21,12 @@ and one table of checks, exiting 1 if any fails:
   C4 once         times_scored == 1 for every target
   C1 causal       cut run: every target before the cut is bit-identical (model_nll, mixed_nll, order,
                   alpha, and audit_p rows): scores, cache state and weights do not see the future
+                  (order = the highest n-gram order whose context was seen, 0 none; alpha = the weight of the
+                  Witten-Bell chain not on the model, i.e. 1 - the model's share; both as evaluate dumps them)
   C2 normalized   at the audited targets (audit_pos, audit_p) the full distribution sums to 1 and its
                   entry at the target is exp(-mixed_nll)
-  C2 weights      target run: order and alpha at the changed target are unchanged (never read the target)
+  C2 weights      target run: order and alpha at the changed target are unchanged (the context's counts,
+                  distinct continuations and the learned mixing parameters never read the target)
   C2 distribution target run: the audited distribution at the changed target is unchanged, and its entry
                   at the new token is the new score
 A full check costs three evaluations (on the real data, three times the eval time; use --nproc on GPUs).
@@ -48,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CAP_BYTES = 16_000_000  # the contest's cap on artifact + code (decimal)
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 EXACT = re.compile(r"^final_integrated_exact val_loss:(\d\S*) val_bpb:(\d\S*)$", re.M)
-DUMP_KEYS = ("model_nll", "mixed_nll", "order", "alpha")  # scores and the weights used, per target
+DUMP_KEYS = ("model_nll", "mixed_nll", "order", "alpha")  # scores, highest seen order, weight off the model
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 
@@ -152,8 +155,9 @@ def unseen_token(tokens: np.ndarray, t: int, order: int, vocab: int) -> int:
 
 
 def pick_target(base: dict, n_tokens: int) -> int:
-    """A target where the n-gram was used and helped (so its entry at the target was non-zero): an audited
-    one when the dump has audit arrays, else any; the one nearest the middle."""
+    """A target where a context was seen (order > 0) and the mix beat the model (the target was seen after
+    it, so its entry came from counts): an audited one when the dump has audit arrays, else any; the one
+    nearest the middle."""
     d = base["dump"]
     pos = d["audit_pos"].astype(np.int64) if "audit_pos" in d else np.arange(1, n_tokens)
     pos = pos[(pos >= 2) & (pos < n_tokens)]
@@ -278,7 +282,8 @@ def check_causal(base: dict, cut_run: dict, cut: int) -> tuple:
         return FAIL, f"tokens >= {cut} permuted: {diff}"
     if np.array_equal(a["mixed_nll"][cut - 1:], b["mixed_nll"][cut - 1:]):
         return FAIL, f"tokens >= {cut} permuted but no later score changed: the check is vacuous"
-    return PASS, f"tokens >= {cut} permuted: targets 1..{cut - 1} bit-identical ({', '.join(DUMP_KEYS)})"
+    rows = f", audit_p at {int((a['audit_pos'] < cut).sum())} audited targets" if "audit_p" in a else ""
+    return PASS, f"tokens >= {cut} permuted: targets 1..{cut - 1} bit-identical ({', '.join(DUMP_KEYS)}{rows})"
 
 
 def audit_arrays(base: dict) -> str | None:
