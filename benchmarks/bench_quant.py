@@ -38,7 +38,7 @@ def run_config(run_dir: Path) -> tg.Hyperparameters:
 def sliding_bpb(tensors, hp, val, luts, d) -> float:
     m = tg.GPT(hp)
     tg.load_unbanked_state_dict(m, tensors)
-    return tg.evaluate(m, val, luts, hp, d, tg.RunLog(None), 1.0, use_ngram=False, use_ttt=False).model_bpb
+    return tg.evaluate(m, val, luts, hp, d, tg.RunLog(None), use_ngram=False, use_ttt=False).model_bpb
 
 
 def storage_choices(q: dict) -> None:

@@ -155,7 +155,7 @@ def check_eval(artifact: Path, hp: tg.Hyperparameters, d: tg.Dist, rep: Report, 
     model = tg.model_from_artifact(artifact, hp, d)
     if d.is_cuda:
         torch.cuda.reset_peak_memory_stats(d.device)
-    r = tg.evaluate(model, val, luts, hp, d, rep, hp.ttt_temperature, use_ngram=True, use_ttt=True, label="gpu_check_eval")
+    r = tg.evaluate(model, val, luts, hp, d, rep, use_ngram=True, use_ttt=True, label="gpu_check_eval")
     ph = r.phase_seconds
     n = r.n_targets
     rep.row("eval total", f"{n} targets in {r.seconds:.1f}s ({n / r.seconds / 1e6:.2f}M targets/s, compile included)")
