@@ -75,7 +75,10 @@ def test_budget_covers_training_calibration_and_export(corpus_env, tmp_path):
     assert abs(train + calib + export - total) <= 0.15  # each rounded to 0.1 s
     assert 0 < train <= 8 - estimate + 0.5  # stopped where the prediction said, not at the limit
     sub = json.loads((tmp_path / "submission.json").read_text())
-    assert sub["compliant"] == (total <= limit), (sub["compliant"], total)
+    if sub["compliant"]:  # (total is printed to 0.1 s)
+        assert total <= limit + 0.05 and sub["non_compliance"] == []
+    else:  # a loaded machine overran anyway: the run was kept, evaluated and marked
+        assert total >= limit - 0.05 and "overrun" in sub["non_compliance"][0], sub
     assert re.search(r"^train_data: tokens_read:\d+ train_tokens:\d+ epochs:[\d.]+$", log, re.M)
 
 
