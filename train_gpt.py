@@ -208,65 +208,50 @@ class Hyperparameters:
             value = getattr(self, f.name)
             if f.type in (int, float) and f.name != "seed":
                 need(value >= 0 and math.isfinite(value), f.name.upper(), "must be a finite number >= 0")
+        at_least = dict(num_layers=2, num_heads=1, num_kv_heads=1, ttt_last_n=1, train_seq_len=2, train_batch_tokens=1,
+                        dist_timeout_seconds=1, muon_backend_steps=1, swa_every=1, train_log_every=1, gptq_block_size=1,
+                        gptq_n_samples=1, iterations=1, eval_seq_len=1, eval_stride=1, ttt_chunk_tokens=1,
+                        eval_batch_seqs=1, ttt_steps=1, ttt_lora_rank=1, ngram_eval_order=2, ngram_eval_min_order=2)
+        for var, lo in at_least.items():  # NUM_LAYERS: encoder/decoder halves; NGRAM_EVAL_ORDER: a 1-token context
+            need(getattr(self, var) >= lo, var.upper(), f"must be >= {lo}")
+        for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum", "swa_weight",
+                    "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
+            need(getattr(self, var) <= 1, var.upper(), "must be in [0, 1]")
+        for var in ("ema_decay", "ttt_polyak_decay"):
+            need(getattr(self, var) < 1, var.upper(), "must be in [0, 1)")
+        for var in ("ve_last_n", "xsa_last_n", "ttt_last_n"):
+            need(getattr(self, var) <= self.num_layers, var.upper(), "must be <= NUM_LAYERS")
+        for var in ("eval_budget_seconds", "ttt_temperature"):
+            need(getattr(self, var) > 0, var.upper(), "must be > 0")
         need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "must be in 2..65536 (uint16 shards)")
-        need(self.num_layers >= 2, "NUM_LAYERS", "need at least 2 layers (encoder/decoder halves)")
-        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
-        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS",
-             "must divide NUM_HEADS")
+        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
         need(self.head_dim % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM / NUM_HEADS) must be even")
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS", "must be even and <= head dim")
         need(self.mlp_hidden >= 1, "MLP_MULT", "MLP hidden width must be >= 1")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "need 0 (no BigramHash) or at least 2 buckets")
-        need(self.ve_last_n <= self.num_layers, "VE_LAST_N", "must be in 0..NUM_LAYERS")
-        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be <= NUM_LAYERS")
-        need(1 <= self.ttt_last_n <= self.num_layers, "TTT_LAST_N", "must be in 1..NUM_LAYERS")
-        need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", "must be >= 2")
-        need(self.train_batch_tokens > 0 and self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             "TRAIN_BATCH_TOKENS", "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
+        need(self.train_batch_tokens % (8 * self.train_seq_len) == 0, "TRAIN_BATCH_TOKENS",
+             "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
         need(self.max_wallclock_seconds == 0 or self.export_reserve_seconds < self.max_wallclock_seconds,
-             "EXPORT_RESERVE_SECONDS",
-             "must be smaller than MAX_WALLCLOCK_SECONDS")
+             "EXPORT_RESERVE_SECONDS", "must be smaller than MAX_WALLCLOCK_SECONDS")
         need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
         need(self.attn_backend in ("auto", "fa3", "fa4") + SDPA_ORDER, "ATTN_BACKEND",
              f"must be auto, fa3, fa4 or one of {SDPA_ORDER}")
-        need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
-        for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum",
-                    "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
-            need(getattr(self, var) <= 1, var.upper(), "must be in [0, 1]")
-        need(self.dist_timeout_seconds >= 1, "DIST_TIMEOUT_SECONDS", "must be >= 1")
-        need(self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", "must be > 0")
-        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS", "must be >= 1")
-        need(0 <= self.swa_weight <= 1, "SWA_WEIGHT", "must be in [0, 1]")
-        need(self.swa_every >= 1, "SWA_EVERY", "must be >= 1")
-        need(self.train_log_every >= 1, "TRAIN_LOG_EVERY", "must be >= 1")
         need(self.val_batch_tokens >= self.train_seq_len, "VAL_BATCH_TOKENS", "must hold one sequence")
-        need(self.gptq_block_size >= 1, "GPTQ_BLOCK_SIZE", "must be >= 1")
-        need(self.gptq_n_samples >= 1, "GPTQ_N_SAMPLES", "must be >= 1")
         levels, widths = (_parse_list(fn) for fn in (self.clip_levels, self.bit_widths))
         need(1.0 in levels and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
              "must be a comma list of numbers in (0, 1] including 1.0 (the grid of a row late QAT converged)")
         need(BASE_BITS in widths and all(2 <= b <= 8 for b in widths), "QUANT_BITS",
              f"must be a comma list of widths in 2..8 including {BASE_BITS} (late QAT's grid)")
         need(self.size_margin_bytes < self.artifact_size_cap, "SIZE_MARGIN_BYTES", "must be < ARTIFACT_SIZE_CAP")
-        need(self.iterations >= 1, "ITERATIONS", "must be >= 1 (a step cap, or the step count)")
-        need(self.eval_seq_len >= 1, "EVAL_SEQ_LEN", "must be >= 1")
-        need(self.eval_stride >= 1 and self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE",
-             "must divide EVAL_SEQ_LEN")
-        need(self.ttt_chunk_tokens >= 1 and self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
+        need(self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE", "must divide EVAL_SEQ_LEN")
+        need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
              "must be a multiple of EVAL_SEQ_LEN (windows and TTT sequences never straddle chunks)")
-        need(self.eval_batch_seqs >= 1, "EVAL_BATCH_SEQS", "must be >= 1")
-        need(self.ttt_temperature > 0, "TTT_TEMPERATURE", "must be > 0")
-        need(0 <= self.ttt_polyak_decay < 1, "TTT_POLYAK_DECAY", "must be in [0, 1)")
-        need(self.ttt_steps >= 1, "TTT_STEPS", "must be >= 1")
-        need(self.ttt_lora_rank >= 1, "TTT_LORA_RANK", "must be >= 1")
-        need(self.ngram_eval_order >= 2, "NGRAM_EVAL_ORDER", "must be >= 2 (a context of at least one token)")
-        need(2 <= self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER",
-             "must be in 2..NGRAM_EVAL_ORDER")
+        need(self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER", "must be <= NGRAM_EVAL_ORDER")
         need(self.ngram_eval_order < 2 ** NGramCache.ORDER_BITS, "NGRAM_EVAL_ORDER",
              f"must be < {2 ** NGramCache.ORDER_BITS} (the order field of the cache keys)")
         need(not self.eval_dump_path or Path(self.eval_dump_path).resolve().parent.is_dir(), "EVAL_DUMP_PATH",
              "its folder must exist")
-
 
 def _parse_list(parse) -> tuple:
     try:
