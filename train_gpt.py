@@ -30,7 +30,6 @@ import datetime
 import functools
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
@@ -535,7 +534,7 @@ def load_tokenizer(path: str, vocab_size: int):
     return sp
 
 
-def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:
+def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:  # the contest's baseline build_sentencepiece_luts
     base = torch.zeros(vocab_size, dtype=torch.int16)
     space = torch.zeros(vocab_size, dtype=torch.bool)
     boundary = torch.zeros(vocab_size, dtype=torch.bool)
@@ -572,8 +571,8 @@ def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
 # matrix's input (GPTQ Hessians) and which can carry a LoRA adapter (test-time training).
 
 ATTN_GATE_BIAS = 4.0      # sigmoid(4) ~ 0.982: gated attention starts almost open
-LEAKY_SLOPE = 0.9         # MLP activation: LeakyReLU(0.9) then squared
-BASE_BITS = 5             # late QAT's grid and the exporter's starting width: integers -15..15, per-row scale
+LEAKY_SLOPE = 0.9         # LeakyReLU(0.9)^2: PR #493, PR #518 (in PR #549); slope 0.9: PR #850
+BASE_BITS = 5             # late QAT's grid and the export's start width (int5: PR #286 MLP, PR #850 all blocks)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -601,8 +600,9 @@ def row_grid_scale(W: torch.Tensor, qmax: int, clip_levels: tuple = (1.0,)) -> t
 
 
 def fake_quant_int5(W: torch.Tensor, clip_levels: tuple = (1.0,)) -> torch.Tensor:
-    """Late QAT: W mapped onto the exporter's int5 grid (`row_grid_scale`, round-to-nearest) with a
-    straight-through gradient. Works on 2-D matrices and 3-D banks."""
+    """Late QAT (PR #286, PR #850; STE form here): W rounded to int5 on the `row_grid_scale` grid with a
+    straight-through gradient. The exporter's GPTQ picks among the same clip levels by Hessian error, so the
+    grids agree where both pick clip 1.0 (a QAT-converged row). Works on 2-D matrices and 3-D banks."""
     qmax = 2 ** (BASE_BITS - 1) - 1
     scale = row_grid_scale(W, qmax, clip_levels)
     Wq = torch.clamp(torch.round(W.detach().float() / scale), -qmax, qmax) * scale
@@ -728,7 +728,7 @@ class MatrixSlot(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Partial RoPE: rotates only the first `rope_dims` of each head's dimensions."""
+    """Partial RoPE (PR #315): rotates only the first `rope_dims` of each head's dimensions."""
 
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
@@ -755,16 +755,17 @@ class CausalSelfAttention(nn.Module):
         self.gqa_native = hp.attn_gqa_native
         self.c_q, self.c_k, self.c_v, self.c_proj = MatrixSlot(), MatrixSlot(), MatrixSlot(), MatrixSlot()
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
-        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
-        # Gated attention: per-head sigmoid gate from the attention input, weight 0 and bias 4 at init.
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))  # the contest's baseline
+        # Gated attention (arXiv:2505.06708, PR #413): per-head sigmoid gate, weight 0 and bias 4 (PR #850) at init
         self.gate = nn.Linear(hp.model_dim, hp.num_heads) if hp.gated_attn else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
-        self.use_xsa = layer >= L - hp.xsa_last_n          # XSA on the last XSA_LAST_N layers
+        self.use_xsa = layer >= L - hp.xsa_last_n  # XSA (arXiv:2603.09078): PR #265; last 4 layers: PR #287
         self.use_ve = layer >= L - hp.ve_last_n            # value embeddings on the last VE_LAST_N layers
         self.ve_scale = nn.Parameter(torch.tensor(0.1)) if self.use_ve else None
-        self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 and hp.value_residual else None  # VRL
+        # Value residual (ResFormer, arXiv:2410.17897): PR #413
+        self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 and hp.value_residual else None
 
     def forward(self, x, Wq, Wk, Wv, Wo, v0, ve):
         B, T, _ = x.shape
@@ -805,9 +806,10 @@ class Block(nn.Module):
         super().__init__()
         D = hp.model_dim
         self.attn, self.mlp = CausalSelfAttention(hp, layer), MLP()
+        # Residual mix with x0 and branch scales: the contest's baseline train_gpt.py (modded-nanogpt)
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(D), torch.zeros(D)]))  # x vs x0
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(D)), nn.Parameter(torch.ones(D))
-        self.ln_scale = 1.0 / math.sqrt(layer + 1)  # LN scale: deeper blocks see damped normalized inputs
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)  # LN scale (PR #315): deeper blocks see damped inputs
 
     def forward(self, x, x0, W, v0, ve):
         mix = self.resid_mix.to(x.dtype)
@@ -820,7 +822,7 @@ class Block(nn.Module):
 
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous, current) token; position 0 has no previous token and gets a
-    reserved bucket, so nothing is read from before the sequence start."""
+    reserved bucket, so nothing is read from before the sequence start. PR #135, PR #162; 4096 buckets: PR #850."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -855,7 +857,7 @@ class SmearGate(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """A shared token embedding projected to the KV width, added (scaled per layer) to v."""
+    """A shared token embedding projected to the KV width, added (scaled per layer) to v (VE128: PR #374)."""
 
     def __init__(self, vocab_size: int, dim: int, kv_dim: int):
         super().__init__()
@@ -876,10 +878,10 @@ class GPT(nn.Module):
         super().__init__()
         L, D, V = hp.num_layers, hp.model_dim, hp.vocab_size
         self.hp = hp
-        self.tok_emb = nn.Embedding(V, D)
+        self.tok_emb = nn.Embedding(V, D)  # tied embeddings, std 0.005, zero-init outputs: the contest's baseline
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D) if hp.bigram_vocab_size else None
-        self.smear = SmearGate(D) if hp.smear_gate else None
+        self.smear = SmearGate(D) if hp.smear_gate else None  # SmearGate: PR #65
         self.ve = ValueEmbedding(V, hp.ve_dim, hp.kv_dim) if hp.ve_last_n else None
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
         self.num_skips = min(hp.num_encoder_layers, L - hp.num_encoder_layers) if hp.unet_skips else 0
@@ -892,7 +894,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for i in range(L):
                 for W in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
-                    nn.init.orthogonal_(W)
+                    nn.init.orthogonal_(W)  # orthogonal init: PR #65 / PR #135 line of records
                 self.qo_bank[L + i].zero_()  # output projections start at zero
 
     def layer_weights(self, banks: dict, i: int) -> dict:
@@ -914,7 +916,7 @@ class GPT(nn.Module):
         ve = self.ve(idx) if self.ve is not None else None
         n_enc = self.hp.num_encoder_layers
         for i, block in enumerate(self.blocks):
-            if n_enc <= i < n_enc + self.num_skips:  # U-Net: decoder adds the most recent encoder output
+            if n_enc <= i < n_enc + self.num_skips:  # U-Net skips (baseline train_gpt.py, from modded-nanogpt)
                 x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
             x, v0 = block(x, x0, self.layer_weights(banks, i), v0, ve)
             if i < n_enc:
@@ -922,7 +924,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied output head with the softcap, in float32."""
+        """Tied output head with the softcap c*tanh(z/c), in float32 (the contest's baseline; Gemma 2)."""
         z = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
         c = self.hp.logit_softcap
         return c * torch.tanh(z / c)
@@ -971,9 +973,9 @@ def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
 # each rank owns whole matrices; the owner applies Nesterov momentum, orthogonalizes with Newton-Schulz
 # in bf16, scales, decays and steps its shard; the new shards are all-gathered while the next bank is
 # being computed. No DDP: the small replicated parameters (AdamW) get one flat all-reduce.
-# (Muon: Keller Jordan, modded-nanogpt; banked Parallel Muon: parameter-golf PR #399 line of records.)
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Muon)
+# Muon and its quintic Newton-Schulz: Keller Jordan (modded-nanogpt), via the contest's baseline train_gpt.py
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Newer PyTorch renamed the single-tensor collectives (same signatures); use whichever exists.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -994,6 +996,7 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
     return X if wide else X.mT
 
 
+# Parameter banks + Parallel Muon: PR #399 (used by the merged record PR #549); decoupled WD: PR #65/#162 line
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices.
 
@@ -1075,7 +1078,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
     """ParallelMuon for the banks; AdamW for embeddings (EMBED_LR) and every other small tensor
     (SCALAR_LR). Returns (muon, adam, replicated params)."""
     L, n_enc = hp.num_layers, hp.num_encoder_layers
-    layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])
+    layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])  # PR #850
     banks = [getattr(model, name) for name in BANKS]
     lrs = [layer_lr.repeat(2), layer_lr.repeat(2), layer_lr, layer_lr]  # bank rows: layer i and L + i
     muon = ParallelMuon(banks, lrs, hp.muon_momentum_warmup_start, hp.muon_wd, hp.muon_backend_steps, d)
@@ -1119,7 +1122,7 @@ def autocast(d: Dist):
 
 
 class BigramCounter:
-    """Complementary loss (parameter-golf "complementary training" records): bigram counts of every
+    """Complementary training (bigram-weighted loss, PR #803): bigram counts of every
     training token seen so far. Every rank counts the whole global micro-batch, so counts are identical
     everywhere without communication. weight = max(0.1, 1 - alpha * count(prev->tgt) / (count(prev) + 1))."""
 
@@ -1143,7 +1146,7 @@ class BigramCounter:
 
 
 def lr_multiplier(progress: float, warmdown_frac: float) -> float:
-    """WSD: 1 for the first (1 - warmdown_frac) of training, then a cosine to 0 at progress 1."""
+    """WSD (PR #850; MiniCPM, arXiv:2404.06395): 1 for the first (1 - warmdown_frac), then a cosine to 0 at 1."""
     start = 1.0 - warmdown_frac
     if progress <= start:
         return 1.0
@@ -1151,7 +1154,7 @@ def lr_multiplier(progress: float, warmdown_frac: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * x))
 
 
-def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
+def muon_momentum_at(step: int, hp: Hyperparameters) -> float:  # warm-up 0.92 -> 0.99: PR #65 / PR #162 line
     frac = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps > 0 else 1.0
     return hp.muon_momentum_warmup_start + frac * (hp.muon_momentum - hp.muon_momentum_warmup_start)
 
@@ -1184,7 +1187,7 @@ class Trainer:
             (loss / accum).backward()
             total += loss.detach()
         self.muon.launch_reduce_scatter()
-        finish_replicated = all_reduce_grads(self.replicated, wait=False)  # in flight with the reduce-scatters
+        finish_replicated = all_reduce_grads(self.replicated, wait=False)  # queued after them (NCCL: same stream)
         if counter is not None:  # once per step, so the weights do not depend on WORLD_SIZE; runs during the
             counter.update(seen)  # communication above
         grads = self.muon.wait_reduce_scatter()
@@ -1216,7 +1219,8 @@ class Trainer:
 
 class WeightAverager:
     """EMA of every parameter each step; during the low-LR tail (LR multiplier < SWA_LR_THRESHOLD) a
-    snapshot every SWA_EVERY steps. Final = (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * mean(snapshots)."""
+    snapshot every SWA_EVERY steps. Final = (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * mean(snapshots).
+    EMA 0.997: PR #287; tight SWA (LR scale < 0.2, every 50 steps): PR #374; SWA on top of EMA: PR #401."""
 
     def __init__(self, model: GPT, hp: Hyperparameters):
         self.hp, self.params = hp, [p.detach() for p in model.parameters()]  # views: follow in-place updates
@@ -1277,7 +1281,7 @@ class TrainResult:
 
 def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
     """Compile every variant (plain and late-QAT) before the clock, then undo the warm-up's effect on
-    weights and optimizer state; the caller starts a fresh loader and fresh bigram counts."""
+    weights and optimizer state; the caller starts a fresh loader and fresh bigram counts (the contest's baseline)."""
     hp = trainer.hp
     if hp.warmup_steps == 0:
         return
@@ -1462,7 +1466,7 @@ ARTIFACT_MAGIC = b"PGOLF\x06"
 ARTIFACT_VERSION = 2
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
 SMALL_TENSOR_NUMEL = 65536
-LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+LZMA_PRESET = 9 | lzma.PRESET_EXTREME  # LZMA instead of zstd/zlib: PR #549 line of records
 
 
 def quantize_rtn(W: torch.Tensor, bits: int = 5, clip_levels: tuple = (1.0,)) -> tuple:
@@ -1506,7 +1510,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_si
     order; damping percdamp * mean(diag H); the upper Cholesky factor of H^-1. Every (width, clip level)
     runs in one sweep, stacked as extra rows with their own scale and qmax (GPTQ treats rows independently);
     per width, each row keeps the clip level whose Hessian-weighted error *after* GPTQ is smallest.
-    Returns {b: (Q int8 (R, C), scale fp16 (R,), error (R,))}."""
+    Returns {b: (Q int8 (R, C), scale fp16 (R,), error (R,))}. GPTQ: arXiv:2210.17323; full-Hessian int5 GPTQ
+    here: PR #850 (GPTQ baseline PR #414); the per-row clip search is PR #850's, chosen here after GPTQ."""
     W, H = W.float().clone(), H.float().clone()
     R, C = W.shape
     dead = torch.diag(H) == 0
@@ -1831,10 +1836,9 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
 # tested in tests/test_eval_validity.py.
 
 def make_windows(n_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
-    """Sliding windows over targets 1..n_tokens-1, each target scored exactly once: (K, 3) rows of
-    (input start, first scored target, last scored target). The first window scores its whole length,
-    later ones their last `stride` targets (the final one fewer), so each target sees >= seq_len - stride
-    tokens of context once the text is long enough."""
+    """Sliding windows (parameter-golf records, e.g. PR #65) over targets 1..n_tokens-1, each scored once:
+    (K, 3) rows of (input start, first scored target, last scored target). The first window scores its whole
+    length, later ones their last `stride`: a target sees >= seq_len - stride tokens of context once there are."""
     last = n_tokens - 1
     first_end = min(seq_len, last)
     ends = torch.cat([torch.arange(first_end, last, stride), torch.tensor([last])])
@@ -1844,7 +1848,7 @@ def make_windows(n_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
 
 @dataclass
 class Scored:
-    """Per-target results of one rank for one chunk (all float64 except positions)."""
+    """Per-target results of one rank for one chunk (float64 except the int64 positions)."""
     pos: torch.Tensor        # (M,) target positions
     logp: torch.Tensor       # (M,) model log-probability of the target (after temperature)
     entropy: torch.Tensor    # (M,) model entropy in nats
@@ -1922,7 +1926,10 @@ class NGramCache:
     n - 1 previous tokens | token (10 bits for V=1024), in one int64: all pairs of a context are contiguous
     in key order, so count(ctx) = sum_v count(ctx, v) by construction (a prefix-sum difference), even if
     two contexts collide in the hash. Each table is a few sorted runs (add_run): an update is one sort, a
-    look-up one binary search per run, vectorized over a chunk and all orders, on the GPU when there is one."""
+    look-up one binary search per run, vectorized over a chunk and all orders, on the GPU when there is one.
+    Lineage: order-2..9 backoff cache with entropy-adaptive per-order mixing: PR #809 (entropy centers: PR #798);
+    65K chunks: PR #840; integrated TTT + n-gram loop: PR #779.
+    Exact per-context counts (valid): this project, after the ruling on hashed caches (PR #779, PR #720)."""
 
     PRIME = 2 ** 31 - 1
     BASES = (1_000_003, 1_234_567_891)
@@ -2110,7 +2117,8 @@ def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tenso
 class TestTimeTrainer:
     """LoRA TTT on the q and v projections of the last TTT_LAST_N blocks: after a chunk is scored,
     TTT_STEPS AdamW steps on its byte-weighted CE (its sequences split across ranks, gradients averaged),
-    each followed by an update of the Polyak average that the next chunk is scored with."""
+    each followed by an update of the Polyak average that the next chunk is scored with. LoRA TTT with Polyak
+    averaging and the byte-weighted loss: PR #850 (Polyak: PR #798); score-first TTT: PR #461."""
 
     def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
         self.model, self.hp, self.d = model, hp, d
