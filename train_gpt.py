@@ -18,9 +18,7 @@ Rules kept at evaluation (the contest's validity conditions):
   C4 one pass     every validation target is scored exactly once, left to right.
 """
 
-# =====================================================================================================
-# Imports
-# =====================================================================================================
+# ==================== Imports ========================================================================
 
 import collections
 import contextlib
@@ -56,14 +54,11 @@ try:  # FlashAttention-3 is optional (see configure_attention)
 except ImportError:
     _fa3_func = None
 
-
 class GolfError(Exception):
     """A failure the user can fix (bad setting, missing or corrupt file, over the cap, over budget)."""
 
 
-# =====================================================================================================
-# Hyperparameters
-# =====================================================================================================
+# ==================== Hyperparameters ================================================================
 # One typed settings object. Every field is read from the environment variable of the same name in upper
 # case (NUM_LAYERS, XSA_LAST_N, ...) by `Hyperparameters.from_env`, called inside main(); tests construct
 # it directly. The defaults are the submitted run: reproducing needs only `SEED=... torchrun ...`.
@@ -258,7 +253,6 @@ def _parse_list(parse) -> tuple:
     except ValueError:
         return ()
 
-
 def _parse_setting(name: str, text: str, kind: type):
     try:
         if kind is bool:
@@ -270,16 +264,13 @@ def _parse_setting(name: str, text: str, kind: type):
     except ValueError:
         raise GolfError(f"{name}={text!r} is not a valid {kind.__name__}") from None
 
-
 # What the artifact must record to rebuild the network.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "ve_dim", "ve_last_n",
                 "xsa_last_n", "smear_gate", "gated_attn", "value_residual", "unet_skips")
 
 
-# =====================================================================================================
-# Distributed and logging helpers
-# =====================================================================================================
+# ==================== Distributed and logging helpers ================================================
 # The same file runs as one CPU process, as several CPU processes under torchrun (gloo), and on GPUs
 # (NCCL). Every cross-rank reduction goes through `all_reduce`, a no-op for a single process.
 
@@ -297,7 +288,6 @@ class Dist:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
-
 def init_distributed(timeout_seconds: float = 300.0) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -314,40 +304,33 @@ def init_distributed(timeout_seconds: float = 300.0) -> Dist:
                                 timeout=datetime.timedelta(seconds=timeout_seconds))
     return Dist(rank, world_size, device)
 
-
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce ('sum', 'avg' or 'max'); returns t. No-op for a single process."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}[op])
     return t
 
-
 def broadcast(t: torch.Tensor, src: int) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(t, src)
     return t
 
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any: keeps stop decisions identical across ranks."""
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
-
 
 def shared_seconds(local: float, d: "Dist") -> float:
     """The slowest rank's elapsed time, so every time-driven decision (schedule, QAT, SWA, logging,
     stopping) is identical on all ranks."""
     return all_reduce(torch.tensor([local], dtype=torch.float64, device=d.device), "max").item()
 
-
 def sync(d: Dist) -> None:
     if d.is_cuda:
         torch.cuda.synchronize(d.device)
-
 
 class RunLog:
     """Rank-0 log: `key:value` lines to stdout and to logs/<RUN_ID>.txt."""
@@ -366,7 +349,6 @@ class RunLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(msg + "\n")
 
-
 def describe_environment(d: Dist) -> list[str]:
     import sentencepiece
     gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
@@ -376,9 +358,7 @@ def describe_environment(d: Dist) -> list[str]:
             f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}"]
 
 
-# =====================================================================================================
-# Data and BPB accounting
-# =====================================================================================================
+# ==================== Data and BPB accounting ========================================================
 # Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is
 # BOS (id 1) followed by its tokens. Every rank reads the same deterministic stream and takes its own
 # slice, so the global batch does not depend on WORLD_SIZE. BPB counts the UTF-8 bytes of the text each
@@ -386,7 +366,6 @@ def describe_environment(d: Dist) -> list[str]:
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
-
 
 def check_shard(path: Path) -> int:
     """Validate a shard's header and size (cheap: reads 1 KiB); returns its token count."""
@@ -405,13 +384,11 @@ def check_shard(path: Path) -> int:
                         f"but the file has {size} bytes (truncated or corrupt)")
     return n
 
-
 def load_data_shard(path: Path) -> torch.Tensor:
     """Read one shard as an int32 tensor; reject a wrong magic, version or size, naming the file."""
     n = check_shard(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
-
 
 def shard_files(data_path: str, split: str) -> list[Path]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
@@ -420,7 +397,6 @@ def shard_files(data_path: str, split: str) -> list[Path]:
         raise GolfError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern} "
                         f"(fetch the data, see README, or run ./run.sh to build the embedded corpus)")
     return files
-
 
 def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
     """Every train shard's header, size and token range, checked at start-up rather than when training
@@ -440,7 +416,6 @@ def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
             raise GolfError(f"train shard {path}: token id {int(m)} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
     return sum(counts)
 
-
 def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
     tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")])
     if tokens.numel() < 2:
@@ -448,12 +423,10 @@ def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
     check_token_range(tokens, vocab_size, "validation shards")
     return tokens
 
-
 def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
     top = int(tokens.max())
     if top >= vocab_size:
         raise GolfError(f"{what}: token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
-
 
 class TokenStream:
     """Reads the train shards in order, forever; `take(n)` returns the next n tokens. With vocab_size,
@@ -485,7 +458,6 @@ class TokenStream:
             n -= piece.numel()
         return torch.cat(parts)
 
-
 class DistributedTokenLoader:
     """Each call takes the next global micro-batch of n tokens plus the one after it (identical on every
     rank; the stream advances by n, so every consecutive pair of the stream is trained on exactly once
@@ -506,7 +478,6 @@ class DistributedTokenLoader:
         local = tokens[self.d.rank * n:(self.d.rank + 1) * n + 1]
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), tokens
 
-
 @dataclass
 class ByteLUTs:
     base_bytes: torch.Tensor         # (V,) int16: UTF-8 bytes of the piece without its leading "▁"
@@ -515,7 +486,6 @@ class ByteLUTs:
 
     def to(self, device) -> "ByteLUTs":
         return ByteLUTs(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
-
 
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
@@ -533,7 +503,6 @@ def load_tokenizer(path: str, vocab_size: int):
         raise GolfError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own")
     return sp
 
-
 def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:  # the contest's baseline build_sentencepiece_luts
     base = torch.zeros(vocab_size, dtype=torch.int16)
     space = torch.zeros(vocab_size, dtype=torch.bool)
@@ -550,21 +519,17 @@ def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:  # the contest's baseline 
             base[i] = len(piece.encode("utf-8"))
     return ByteLUTs(base, space, boundary)
 
-
 def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts: ByteLUTs) -> torch.Tensor:
     """Bytes of text each target adds: its piece, plus the space of a leading "▁" unless it follows a
     boundary token (the decoder drops the space at the start of a document)."""
     extra = luts.has_leading_space[tgt] & ~luts.is_boundary[prev]
     return luts.base_bytes[tgt].to(torch.int64) + extra.to(torch.int64)
 
-
 def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
     return nll_nats / math.log(2.0) / n_bytes
 
 
-# =====================================================================================================
-# Model
-# =====================================================================================================
+# ==================== Model ==========================================================================
 # SPEC §2. The block matrices (q/out, k/v, MLP up, MLP down) live in four contiguous 3-D parameter banks
 # owned by the GPT, so that Parallel Muon can shard whole matrices across ranks. Blocks receive 2-D views
 # of the banks and apply them through `MatrixSlot`s: parameter-free modules whose forward hooks see each
@@ -574,11 +539,9 @@ ATTN_GATE_BIAS = 4.0      # sigmoid(4) ~ 0.982: gated attention starts almost op
 LEAKY_SLOPE = 0.9         # LeakyReLU(0.9)^2: PR #493, PR #518 (in PR #549); slope 0.9: PR #850
 BASE_BITS = 5             # late QAT's grid and the export's start width (int5: PR #286 MLP, PR #850 all blocks)
 
-
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without a weight; the reduction in float32 whatever the activations' dtype."""
     return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
-
 
 def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Per-row symmetric scale clip*max|W_row|/qmax, rounded to fp16 (as stored) and returned as float32.
@@ -586,7 +549,6 @@ def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) 
     amax = W.detach().abs().amax(dim=-1, keepdim=True).float()
     scale = (amax * clip / qmax).half().float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
-
 
 def row_grid_scale(W: torch.Tensor, qmax: int, clip_levels: tuple = (1.0,)) -> torch.Tensor:
     """The one rule for a row's grid, used by late QAT and by the exporter's candidates: of the scales
@@ -598,7 +560,6 @@ def row_grid_scale(W: torch.Tensor, qmax: int, clip_levels: tuple = (1.0,)) -> t
     err = ((torch.clamp(torch.round(Wf / scales), -qmax, qmax) * scales - Wf) ** 2).sum(-1, keepdim=True)
     return scales.gather(0, err.argmin(0, keepdim=True)).squeeze(0)  # (..., R, 1)
 
-
 def fake_quant_int5(W: torch.Tensor, clip_levels: tuple = (1.0,)) -> torch.Tensor:
     """Late QAT (PR #286, PR #850; STE form here): W rounded to int5 on the `row_grid_scale` grid with a
     straight-through gradient. The exporter's GPTQ picks among the same clip levels by Hessian error, so the
@@ -607,7 +568,6 @@ def fake_quant_int5(W: torch.Tensor, clip_levels: tuple = (1.0,)) -> torch.Tenso
     scale = row_grid_scale(W, qmax, clip_levels)
     Wq = torch.clamp(torch.round(W.detach().float() / scale), -qmax, qmax) * scale
     return Wq.to(W.dtype) + (W - W.detach())  # value exactly Wq; gradient exactly identity
-
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa_native: bool = True) -> torch.Tensor:
     """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim: the
@@ -621,11 +581,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa_nati
                                        enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
-
 _flash_kernel = None  # a FlashAttention kernel (q, k, v) -> out in (B, T, heads, D), set by configure_attention
 SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # SDPA's backends, fastest first on H100
 _SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-
 
 def flash_custom_op(name: str, fwd, bwd):
     """A FlashAttention kernel pair as a torch.library custom op with autograd, so that compile(fullgraph)
@@ -646,17 +604,14 @@ def flash_custom_op(name: str, fwd, bwd):
                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
     return lambda q, k, v: attn(q, k, v)[0]
 
-
 @functools.cache
 def _fa4_kernel():
     from flash_attn.cute import interface as fa4  # optional: pip install --pre flash-attn-4
     return flash_custom_op("fa4", lambda q, k, v: fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True),
                            lambda q, k, v, o, do, lse: fa4._flash_attn_bwd(q, k, v, o, do, lse, causal=True))
 
-
 def _fa3_kernel():
     return lambda q, k, v: (lambda out: out[0] if isinstance(out, tuple) else out)(_fa3_func(q, k, v, causal=True))
-
 
 def configure_attention(hp: Hyperparameters, d: Dist) -> str:
     """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3
@@ -692,7 +647,6 @@ def configure_attention(hp: Hyperparameters, d: Dist) -> str:
         raise GolfError(f"ATTN_BACKEND={want}: no attention kernel can run the training shapes here")
     return f"sdpa_{SDPA_ORDER[order.index(choice)]}" + ("" if hp.attn_gqa_native else "_expanded_kv")
 
-
 class LoRA(nn.Module):
     """Rank-r adapter y += (x A^T) B^T for test-time training. A ~ N(0, 1/in), B = 0, so it starts as a
     no-op. `A_avg`, `B_avg` hold the Polyak average used for scoring."""
@@ -714,7 +668,6 @@ class LoRA(nn.Module):
         self.A_avg.lerp_(self.A, 1.0 - decay)
         self.B_avg.lerp_(self.B, 1.0 - decay)
 
-
 class MatrixSlot(nn.Module):
     """y = x W^T for a bank matrix W passed in by the caller (+ an optional LoRA adapter)."""
 
@@ -725,7 +678,6 @@ class MatrixSlot(nn.Module):
     def forward(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, W.to(x.dtype))
         return y if self.lora is None else y + self.lora(x)
-
 
 class Rotary(nn.Module):
     """Partial RoPE (PR #315): rotates only the first `rope_dims` of each head's dimensions."""
@@ -745,7 +697,6 @@ class Rotary(nn.Module):
         half = self.rope_dims // 2
         x1, x2, rest = x[..., :half], x[..., half:self.rope_dims], x[..., self.rope_dims:]
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], dim=-1)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
@@ -791,7 +742,6 @@ class CausalSelfAttention(nn.Module):
             y = y * torch.sigmoid(self.gate(x).float()).to(y.dtype)[..., None]  # gate (B, T, H)
         return self.c_proj(y.reshape(B, T, -1), Wo), v0
 
-
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -799,7 +749,6 @@ class MLP(nn.Module):
 
     def forward(self, x, W_up, W_down):
         return self.c_proj(F.leaky_relu(self.c_fc(x, W_up), LEAKY_SLOPE).square(), W_down)
-
 
 class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
@@ -818,7 +767,6 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * h
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, W["up"], W["down"])
         return x, v0
-
 
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous, current) token; position 0 has no previous token and gets a
@@ -842,7 +790,6 @@ class BigramHash(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.scale * self.proj(self.embed(self.bucket(idx)))
 
-
 class SmearGate(nn.Module):
     """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g; position 0 mixes with 0."""
 
@@ -854,7 +801,6 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate.float()).to(x.dtype)
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * prev
-
 
 class ValueEmbedding(nn.Module):
     """A shared token embedding projected to the KV width, added (scaled per layer) to v (VE128: PR #374)."""
@@ -869,9 +815,7 @@ class ValueEmbedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.proj(self.embed(idx))
 
-
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
-
 
 class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
@@ -936,7 +880,6 @@ class GPT(nn.Module):
         ce = F.cross_entropy(logits, targets.reshape(-1), reduction="none")
         return (ce * loss_weights.reshape(-1)).mean()
 
-
 def block_matrices(model: GPT) -> dict:
     """The block matrices as ordinary 2-D views of the banks, named after their MatrixSlots."""
     L, out = model.hp.num_layers, {}
@@ -947,13 +890,11 @@ def block_matrices(model: GPT) -> dict:
         out[p + "mlp.c_fc"], out[p + "mlp.c_proj"] = model.mlp_up_bank[i], model.mlp_down_bank[i]
     return out
 
-
 def unbanked_state_dict(model: GPT) -> dict:
     """state_dict with the banks replaced by their named 2-D matrices (the artifact's view)."""
     sd = {k: v.detach() for k, v in model.state_dict().items() if k not in BANKS}
     sd.update({name + ".weight": W.detach() for name, W in block_matrices(model).items()})
     return sd
-
 
 def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
     with torch.no_grad():
@@ -966,9 +907,7 @@ def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
         raise GolfError(f"artifact does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-# =====================================================================================================
-# Optimizers
-# =====================================================================================================
+# ==================== Optimizers =====================================================================
 # Parallel Muon for the four banks: after backward each bank's gradient is reduce-scattered (averaged) so
 # each rank owns whole matrices; the owner applies Nesterov momentum, orthogonalizes with Newton-Schulz
 # in bf16, scales, decays and steps its shard; the new shards are all-gathered while the next bank is
@@ -979,7 +918,6 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Newer PyTorch renamed the single-tensor collectives (same signatures); use whichever exists.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate the orthogonal polar factor U V^T of each matrix in G (..., R, C), in bf16.
@@ -994,7 +932,6 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X if wide else X.mT
-
 
 # Parameter banks + Parallel Muon: PR #399 (used by the merged record PR #549); decoupled WD: PR #65/#162 line
 class ParallelMuon(torch.optim.Optimizer):
@@ -1073,7 +1010,6 @@ class ParallelMuon(torch.optim.Optimizer):
             update = update[:hi - lo].to(p.dtype) * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
             p[lo:hi].mul_(1 - lr * group["weight_decay"]).sub_(lr * update)  # decoupled weight decay
 
-
 def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
     """ParallelMuon for the banks; AdamW for embeddings (EMBED_LR) and every other small tensor
     (SCALAR_LR). Returns (muon, adam, replicated params)."""
@@ -1093,7 +1029,6 @@ def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
         fused=d.is_cuda)
     return muon, adam, embeds + scalars
 
-
 def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
     """One flat all-reduce for all replicated parameters' gradients. wait=False returns at once with a
     function that waits and copies the result back: the reduction runs while the caller does other work."""
@@ -1109,9 +1044,7 @@ def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
     return finish() if wait else finish
 
 
-# =====================================================================================================
-# Training
-# =====================================================================================================
+# ==================== Training =======================================================================
 # WSD schedule on the wall clock (or on the step count when MAX_WALLCLOCK_SECONDS=0, which makes two runs
 # with the same SEED bit-identical on the same CPU), complementary loss, late QAT, EMA + SWA. Compile
 # warm-up steps run before the clock and are undone. The loop stops EXPORT_RESERVE_SECONDS before the
@@ -1119,7 +1052,6 @@ def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
 
 def autocast(d: Dist):
     return torch.autocast("cuda", dtype=torch.bfloat16) if d.is_cuda else contextlib.nullcontext()
-
 
 class BigramCounter:
     """Complementary training (bigram-weighted loss, PR #803): bigram counts of every
@@ -1144,7 +1076,6 @@ class BigramCounter:
             self.pair.index_add_(0, prev * self.V + tgt, ones)
             self.prev.index_add_(0, prev, ones)
 
-
 def lr_multiplier(progress: float, warmdown_frac: float) -> float:
     """WSD (PR #850; MiniCPM, arXiv:2404.06395): 1 for the first (1 - warmdown_frac), then a cosine to 0 at 1."""
     start = 1.0 - warmdown_frac
@@ -1153,11 +1084,9 @@ def lr_multiplier(progress: float, warmdown_frac: float) -> float:
     x = min(1.0, (progress - start) / warmdown_frac)
     return 0.5 * (1.0 + math.cos(math.pi * x))
 
-
 def muon_momentum_at(step: int, hp: Hyperparameters) -> float:  # warm-up 0.92 -> 0.99: PR #65 / PR #162 line
     frac = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps > 0 else 1.0
     return hp.muon_momentum_warmup_start + frac * (hp.muon_momentum - hp.muon_momentum_warmup_start)
-
 
 @dataclass
 class Trainer:
@@ -1216,7 +1145,6 @@ class Trainer:
         self.muon.load_state_dict(muon_sd)
         self.adam.load_state_dict(adam_sd)
 
-
 class WeightAverager:
     """EMA of every parameter each step; during the low-LR tail (LR multiplier < SWA_LR_THRESHOLD) a
     snapshot every SWA_EVERY steps. Final = (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * mean(snapshots).
@@ -1247,7 +1175,6 @@ class WeightAverager:
             p.copy_(f)
         return f"ema_decay:{self.hp.ema_decay} swa_snapshots:{self.swa_count} swa_weight:{self.hp.swa_weight}"
 
-
 @torch.no_grad()
 def eval_val_loss(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist):
     """Quick validation for training progress: contiguous TRAIN_SEQ_LEN sequences (no sliding window)."""
@@ -1271,13 +1198,11 @@ def eval_val_loss(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hype
     nll, tokens, n_bytes = sums.tolist()
     return nll / tokens, bits_per_byte(nll, n_bytes)
 
-
 @dataclass
 class TrainResult:
     steps: int
     train_seconds: float
     export_estimate: float = 0.0  # what the stop rule reserved for calibration + export (0: step-based run)
-
 
 def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
     """Compile every variant (plain and late-QAT) before the clock, then undo the warm-up's effect on
@@ -1296,7 +1221,6 @@ def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
     trainer.restore(snap)
     log(f"warmup_steps:{hp.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s "
         f"restored:weights,optimizer_state,loader,bigram_counts")
-
 
 class SharedClock:
     """Training time agreed by every rank without a host sync per step. Each step posts this rank's clock
@@ -1329,7 +1253,6 @@ class SharedClock:
             t = t[0]
         return t.tolist()
 
-
 @dataclass
 class BudgetPlan:
     """When to stop: the predicted end of the run (training so far + the steps still to come before a stop
@@ -1345,9 +1268,7 @@ class BudgetPlan:
         """The training seconds the schedule (WSD, QAT start) is laid out over."""
         return max(1e-9, self.limit - self.export_estimate)
 
-
 EXPORT_SAFETY = 1.5  # measured export time x this (a loaded machine or bigger final weights): see BudgetPlan
-
 
 def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
     """Measure calibration + export on the current (initial) weights into a scratch folder, before the
@@ -1377,7 +1298,6 @@ def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
         raise GolfError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g} leaves no time to train: export is "
                         f"estimated at {plan.export_estimate:.1f}s (raise the budget or shrink the model)")
     return plan
-
 
 def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log: RunLog) -> TrainResult:
     hp, d = trainer.hp, trainer.d
@@ -1429,12 +1349,10 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     log(f"train_data: tokens_read:{tokens} train_tokens:{available} epochs:{tokens / max(1, available):.3f}")
     return TrainResult(step, train_s, plan.export_estimate if plan else 0.0)
 
-
 def check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise GolfError(f"train_loss is {loss} at step {step}: training diverged (lower the learning rates "
                         f"MATRIX_LR_ENCODER/MATRIX_LR_DECODER/EMBED_LR/SCALAR_LR or GRAD_CLIP_NORM)")
-
 
 def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat: bool, plan, log: RunLog) -> None:
     """`shared` is SharedClock's [seconds, last step's seconds, steps], one step behind `step`."""
@@ -1450,9 +1368,7 @@ def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat
         f"lr_mult:{lr_mult:.3f} qat:{int(qat)} eta:{eta:.0f}s")
 
 
-# =====================================================================================================
-# Quantization and serialization
-# =====================================================================================================
+# ==================== Quantization and serialization =================================================
 # SPEC §4. Block matrices: full-Hessian GPTQ (Frantar et al. 2022, names follow IST-DASLab's gptq.py) with
 # H = mean x^T x of the matrix's inputs over calibration sequences of training data, taken inside the
 # training budget, at every width of QUANT_BITS in one sweep. Embedding tables: int8 per row. Tensors of
@@ -1468,7 +1384,6 @@ EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
 SMALL_TENSOR_NUMEL = 65536
 LZMA_PRESET = 9 | lzma.PRESET_EXTREME  # LZMA instead of zstd/zlib: PR #549 line of records
 
-
 def quantize_rtn(W: torch.Tensor, bits: int = 5, clip_levels: tuple = (1.0,)) -> tuple:
     """Per-row symmetric round-to-nearest on the `row_grid_scale` grid: (Q int8 in [-qmax, qmax], scale fp16)."""
     qmax = 2 ** (bits - 1) - 1
@@ -1476,16 +1391,13 @@ def quantize_rtn(W: torch.Tensor, bits: int = 5, clip_levels: tuple = (1.0,)) ->
     Q = torch.clamp(torch.round(W.float() / scale), -qmax, qmax).to(torch.int8)
     return Q, scale.view(-1).half()
 
-
 def dequantize(Q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return Q.float() * scale.float().view(-1, 1)
-
 
 def hessian_weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Per-row tr-contribution (W - W_hat) H (W - W_hat)^T: the layer's output error on the inputs."""
     E = (W - W_hat).float()
     return ((E @ H.float()) * E).sum(dim=1)
-
 
 def _gptq_columns(WT: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qmax: torch.Tensor, block_size: int):
     """The GPTQ sweep over permuted columns with lazy batched updates, on W^T (C, R) so that a column is
@@ -1502,7 +1414,6 @@ def _gptq_columns(WT: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qma
             W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy update of the columns after this block
     return QT
-
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_size: int = 128,
                   percdamp: float = 0.01, clip_levels: tuple = (1.0,)) -> dict:
@@ -1537,12 +1448,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_si
     return {b: (Q[j, best[j], rows].to(torch.int8), scales[j, best[j], rows].half(), err[j, best[j], rows])
             for j, b in enumerate(bits)}
 
-
 def _codes_per_byte(bits: int) -> int:
     """Widths that divide 8 (int4) are packed, the others stored one per byte: after LZMA, int4 packed two
     to a byte is 0.9% smaller, int5/int6 bit-packed 9%/6% larger (logs/bench_quant_embedded_cpu.txt)."""
     return 8 // bits if 8 % bits == 0 else 1
-
 
 def pack_codes(Q: torch.Tensor, bits: int) -> bytes:
     """Integers in [-qmax, qmax] as unsigned codes q + qmax, `_codes_per_byte` of them in a byte."""
@@ -1550,7 +1459,6 @@ def pack_codes(Q: torch.Tensor, bits: int) -> bytes:
     u = (Q.reshape(-1).to(torch.int16) + 2 ** (bits - 1) - 1).to(torch.uint8).cpu().numpy()
     u = np.concatenate([u, np.zeros(-u.size % per, dtype=np.uint8)]).reshape(-1, per)
     return np.bitwise_or.reduce(u << (bits * np.arange(per, dtype=np.uint8)), axis=1).astype(np.uint8).tobytes()
-
 
 def unpack_codes(data: bytes, n: int, bits: int) -> torch.Tensor:
     qmax, per = 2 ** (bits - 1) - 1, _codes_per_byte(bits)
@@ -1560,14 +1468,12 @@ def unpack_codes(data: bytes, n: int, bits: int) -> torch.Tensor:
         raise ValueError(f"{bits}-bit codes truncated or out of range")
     return torch.from_numpy(u.astype(np.int16) - qmax).to(torch.int8)
 
-
 def quantize_tensor(name: str, W: torch.Tensor) -> dict:
     """A tensor that is not a block matrix -> int8 rows (embeddings, large matrices) or fp16 (pure)."""
     if name in EMBEDDING_NAMES or (W.ndim == 2 and W.numel() > SMALL_TENSOR_NUMEL):
         Q, scale = quantize_rtn(W, 8)
         return dict(kind="int", bits=8, q=Q, scale=scale)
     return dict(kind="fp16", data=W.half())
-
 
 def encode_stream(entries: dict) -> tuple:
     """{name: entry} -> (metas, one xz stream of each tensor's codes and fp16 row scales, or fp16 values)."""
@@ -1578,7 +1484,6 @@ def encode_stream(entries: dict) -> tuple:
         raw += [pack_codes(t, e["bits"]), e["scale"].cpu().numpy().astype("<f2").tobytes()] if e["kind"] == "int" \
             else [t.cpu().numpy().astype("<f2").tobytes()]
     return metas, lzma.compress(b"".join(raw), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=LZMA_PRESET)
-
 
 def decode_stream(metas: list, data: bytes) -> dict:
     raw, ends, out = lzma.decompress(data), [0], {}
@@ -1592,14 +1497,12 @@ def decode_stream(metas: list, data: bytes) -> dict:
         raise ValueError(f"stream of {len(raw)} bytes, its tensors {ends[-1]}")
     return out
 
-
 def pack_artifact(header: dict, streams: list) -> bytes:
     """The container of (metas, stream) pairs; `header` holds the architecture and the hashes."""
     head = json.dumps({**header, "version": ARTIFACT_VERSION, "streams": [m for m, _ in streams]},
                       separators=(",", ":")).encode()
     return (ARTIFACT_MAGIC + struct.pack("<I", len(head)) + head
             + struct.pack(f"<{len(streams)}I", *(len(s) for _, s in streams)) + b"".join(s for _, s in streams))
-
 
 def parse_header(blob: bytes) -> tuple:
     if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
@@ -1610,7 +1513,6 @@ def parse_header(blob: bytes) -> tuple:
     if header["version"] != ARTIFACT_VERSION:
         raise ValueError(f"version {header['version']} != {ARTIFACT_VERSION}")
     return header, off + hlen
-
 
 def deserialize_artifact(blob: bytes) -> tuple:
     """Inverse of pack_artifact: (header, {name: float32 tensor}). Needs nothing but the bytes."""
@@ -1624,7 +1526,6 @@ def deserialize_artifact(blob: bytes) -> tuple:
         parts = pool.map(decode_stream, header["streams"], [blob[a:b] for a, b in zip(ends, ends[1:])])
         return header, {k: v for part in parts for k, v in part.items()}
 
-
 def _decode_file(path: Path, decode):
     try:
         return decode(Path(path).read_bytes())
@@ -1633,19 +1534,15 @@ def _decode_file(path: Path, decode):
     except (lzma.LZMAError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
         raise GolfError(f"artifact {path}: corrupt or not an artifact of this script ({e})") from None
 
-
 def read_artifact(path: Path) -> tuple:
     return _decode_file(path, deserialize_artifact)
-
 
 def artifact_header(path: Path) -> dict:
     """The artifact's JSON header (config, code_sha256, tokenizer_sha256, each tensor's kind, bits and shape)."""
     return _decode_file(path, lambda blob: parse_header(blob)[0])
 
-
 def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | None = None) -> GPT:
     """Rebuild the network from the artifact alone: every shape comes from its header (EVAL_ONLY included),
@@ -1670,7 +1567,6 @@ def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | 
             f"{','.join(f'int{b}x{widths.count(b)}' for b in sorted(set(widths)))} code_sha256:"
             f"{header['code_sha256'][:16]} same_code:{header['code_sha256'] == file_sha256(__file__)}")
     return model
-
 
 @torch.no_grad()
 def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
@@ -1713,7 +1609,6 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
             H[name[:-3] + "c_k"] = H[name[:-3] + "c_v"] = H[name]
     return H
 
-
 def assign_groups(shapes: dict, hessians: dict, world_size: int) -> list:
     """[(names, owner rank)]: the block matrices grouped by shared Hessian (q, k, v read one input: one
     Cholesky, one sweep), the groups spread over the ranks by their GPTQ cost rows * C^2, largest first."""
@@ -1728,7 +1623,6 @@ def assign_groups(shapes: dict, hessians: dict, world_size: int) -> list:
         load[owners[i]] += cost[i]
     return list(zip(groups, owners))
 
-
 def gather_to_main(obj, d: Dist) -> list | None:
     """[every rank's obj] on rank 0, None elsewhere (one process: [obj])."""
     if d.world_size == 1:
@@ -1736,7 +1630,6 @@ def gather_to_main(obj, d: Dist) -> list | None:
     out = [None] * d.world_size if d.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
-
 
 def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> dict | None:
     """Quantize the unbanked state dict `sd`; its block matrices are those with a Hessian. Every rank runs
@@ -1766,7 +1659,6 @@ def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> di
     rest = {k: quantize_tensor(k, W) for k, W in sd.items() if key[k] not in shapes}
     return dict(rest=encode_stream(rest), matrices={n: matrices[n] for n in shapes})
 
-
 def allocate_bits(sizes: dict, errors: dict, budget: int, base: int = BASE_BITS) -> tuple:
     """Each matrix's width so that sum(sizes[n][width]) <= budget, greedily from all-`base`, one width step
     at a time: while over, lower the matrix whose error rises least per byte saved; then, while a raise fits,
@@ -1791,7 +1683,6 @@ def allocate_bits(sizes: dict, errors: dict, budget: int, base: int = BASE_BITS)
         total += db
         moves.append((n, choice[n], w, total))
         choice[n] = w
-
 
 def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) -> int:
     """Choose the widths (`allocate_bits` on the measured stream sizes) so that the artifact is at most
@@ -1824,9 +1715,7 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
     return len(blob)
 
 
-# =====================================================================================================
-# Evaluation
-# =====================================================================================================
+# ==================== Evaluation =====================================================================
 # SPEC §5, the number that is reported. One left-to-right pass over the validation tokens in chunks of
 # TTT_CHUNK_TOKENS targets. For each chunk: (1) score every target once with a sliding window (length
 # EVAL_SEQ_LEN, stride EVAL_STRIDE; windows split across ranks) with the LoRA weights and temperature
@@ -1845,7 +1734,6 @@ def make_windows(n_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
     lo = torch.cat([torch.tensor([1]), ends[:-1] + 1])
     return torch.stack([(ends - seq_len).clamp(min=0), lo, ends], dim=1)
 
-
 @dataclass
 class Scored:
     """Per-target results of one rank for one chunk (float64 except the int64 positions)."""
@@ -1857,11 +1745,9 @@ class Scored:
     audit_pos: torch.Tensor  # (A,) audited target positions in this rank's share
     audit_rows: torch.Tensor  # (A, V) full model log-probabilities there
 
-
 def audit_positions(n_tokens: int, k: int) -> torch.Tensor:
     """K target positions spread evenly over the whole pass, chosen from positions only (never tokens)."""
     return torch.linspace(1, n_tokens - 1, min(k, n_tokens - 1)).round().long().unique() if k else torch.zeros(0).long()
-
 
 @torch.no_grad()
 def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Tensor, hp: Hyperparameters,
@@ -1897,7 +1783,6 @@ def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Te
     return Scored(*(cat(k, empty) for k in ("pos", "logp", "entropy", "dz", "var_z")),
                   cat("audit_pos", empty.long()), cat("audit_rows", empty.view(0, hp.vocab_size)))
 
-
 def add_run(runs: list, keys: torch.Tensor, counts: torch.Tensor) -> None:
     """Append sorted unique `keys` with `counts` as a run (keys, prefix sums of counts), merging
     log-structured: a run is merged into the previous one while that one is not at least twice its size."""
@@ -1909,7 +1794,6 @@ def add_run(runs: list, keys: torch.Tensor, counts: torch.Tensor) -> None:
         merged = torch.zeros_like(keys).index_add_(0, inv, torch.cat([c1.diff(), c2.diff()]))
         runs.append((keys, torch.cat([merged.new_zeros(1), merged.cumsum(0)])))
 
-
 def exact_counts(runs: list, keys: torch.Tensor) -> torch.Tensor:
     """Total count stored under each key (one exact-match binary search per run)."""
     total = torch.zeros_like(keys)
@@ -1917,7 +1801,6 @@ def exact_counts(runs: list, keys: torch.Tensor) -> torch.Tensor:
         i = torch.searchsorted(run_keys, keys).clamp(max=run_keys.numel() - 1)
         total += torch.where(run_keys[i] == keys, cum[i + 1] - cum[i], 0)
     return total
-
 
 class NGramCache:
     """Exact counts of (context, next token) for orders NGRAM_EVAL_MIN_ORDER..NGRAM_EVAL_ORDER over
@@ -2011,7 +1894,6 @@ class NGramCache:
     def memory_bytes(self) -> int:
         return sum(k.numel() * 8 + c.numel() * 8 for k, c in self.runs + self.distinct_runs)
 
-
 def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: torch.Tensor, beta: torch.Tensor,
                 smooth: bool) -> tuple:
     """Interpolated Witten-Bell over the orders (Witten & Bell 1991; Chen & Goodman 1998), bottoming out
@@ -2035,7 +1917,6 @@ def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: tor
         p = torch.where(C[k] > 0, (c[k] + kappa * p) / den, p)
         w_model = torch.where(C[k] > 0, w_model * kappa / den, w_model)
     return p.log(), 1 - w_model
-
 
 class LearnedMix:
     """Mixing parameters fitted online on targets already scored (C3: a chunk's values are fixed before it
@@ -2089,14 +1970,12 @@ class LearnedMix:
             with torch.no_grad():
                 self.theta.clamp_(-5.0, 5.0)
 
-
 def ngram_stats(cache: NGramCache | None, tokens: torch.Tensor, pos: torch.Tensor, tgt=None) -> tuple:
     """cache.stats, or empty (0, M) tensors (no orders) without a cache."""
     if cache is not None:
         return cache.stats(tokens, pos, tgt)
     empty = torch.zeros(0, pos.numel(), dtype=torch.float64, device=tokens.device)
     return empty, empty if tgt is None else empty[..., None].expand(0, pos.numel(), tgt.size(1)), empty
-
 
 def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tensor, sc: Scored,
                 mixed: torch.Tensor) -> tuple:
@@ -2112,7 +1991,6 @@ def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tenso
     zero = torch.zeros(1, dtype=torch.float64, device=tokens.device)
     return torch.stack([torch.cat([(p.sum(1) - 1).abs(), zero]).max(), torch.cat([-p.flatten(), zero]).max(),
                         torch.cat([target_err, zero]).max(), mismatch]), p
-
 
 class TestTimeTrainer:
     """LoRA TTT on the q and v projections of the last TTT_LAST_N blocks: after a chunk is scored,
@@ -2163,7 +2041,6 @@ class TestTimeTrainer:
         for lora in self.loras:
             lora.polyak_update(self.hp.ttt_polyak_decay)
 
-
 @dataclass
 class EvalResult:
     model_loss: float
@@ -2178,7 +2055,6 @@ class EvalResult:
     problems: list = field(default_factory=list)  # why the result is not a valid record (empty: it is)
     temperature: float = 1.0     # the temperature the last chunk was scored with
     roundtrip_bpb: float = math.nan  # the contiguous eval of the loaded artifact (integrated_eval)
-
 
 def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
              use_ngram: bool, use_ttt: bool, clock_start: float | None = None, label: str = "eval",
@@ -2264,7 +2140,6 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
                       int(n), int(n_bytes), time.perf_counter() - t0, audit.tolist(), dict(timer.seconds),
                       mixer.temperature)
 
-
 class PhaseTimer:
     """Wall time per eval phase (synchronized on CUDA so kernels are charged to their phase)."""
 
@@ -2279,7 +2154,6 @@ class PhaseTimer:
         sync(self.d)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
-
 def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_pos, p_audit) -> None:
     i = sc.pos - 1
     dump["model_nll"][i] = -sc.logp
@@ -2293,7 +2167,6 @@ def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_p
     dump["alpha"][i] = alpha
     dump["audit_p"][torch.searchsorted(audit_pos, sc.audit_pos)] = p_audit
 
-
 def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
     """Per-target arrays (index t-1 = target t) and audit_p, summed over ranks (targets are disjoint),
     saved by rank 0 with audit_pos."""
@@ -2303,9 +2176,7 @@ def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
         np.savez_compressed(path, **arrays)
 
 
-# =====================================================================================================
-# main
-# =====================================================================================================
+# ==================== main ===========================================================================
 # Orchestration only. Time accounting: the training budget (MAX_WALLCLOCK_SECONDS) covers the training
 # steps, GPTQ calibration and export; the evaluation budget (EVAL_BUDGET_SECONDS) runs from loading the
 # artifact to the final integrated number. Validation passes and the diagnostic round-trip eval are
@@ -2314,7 +2185,6 @@ def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
 SUBMISSION_NAME = "Valid complementary n-gram + int5 GPTQ + LoRA TTT"
 SUBMISSION_AUTHOR = "parameter-golf entry team"
 
-
 def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
     log(f"run_id:{run_id}")
     log("config: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
@@ -2322,7 +2192,6 @@ def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
         log(line)
     code = Path(__file__).read_text(encoding="utf-8")
     log("=" * 40 + " source: train_gpt.py " + "=" * 40 + "\n" + code + "\n" + "=" * 100, console=False)
-
 
 def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
     """Checkpoint, GPTQ calibration, quantization, serialization; the budget and size checks. The artifact
@@ -2373,11 +2242,9 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
     return dict(calibration_seconds=calib_s, export_seconds=export_s, artifact_bytes=int(artifact_bytes),
                 code_bytes=code_bytes, total_bytes=int(total), problems=problems)
 
-
 def log_final(label: str, loss: float, bpb: float, log: RunLog, extra: str = "") -> None:
     log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra}")
     log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-
 
 def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, val_tokens, luts,
                     prequant_bpb: float = math.nan) -> EvalResult:
@@ -2406,7 +2273,6 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     r.seconds, r.roundtrip_bpb = eval_s, rt_bpb
     return r
 
-
 def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, train: TrainResult, exp: dict,
                      prequant_bpb: float, final: EvalResult, problems: list) -> None:
     hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
@@ -2431,7 +2297,6 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
 
-
 def check_output_dir(out: Path, d: Dist) -> None:
     """Probe OUTPUT_DIR for writing now, so an unwritable folder fails before training, not at the first save."""
     probe = out / f".write_probe_rank{d.rank}"
@@ -2442,9 +2307,7 @@ def check_output_dir(out: Path, d: Dist) -> None:
     except OSError as e:
         raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
 
-
 RESULT_FILES = ("submission.json", "final_model.int5.xz", "final_model.pt")
-
 
 def move_aside_previous(out: Path, log: RunLog) -> None:
     """An earlier run's results go to OUTPUT_DIR/previous/<their time>/ (never deleted), so a run that fails
@@ -2457,13 +2320,11 @@ def move_aside_previous(out: Path, log: RunLog) -> None:
             os.replace(old, dest / name)
             log(f"moved_aside: {old} -> {dest / name}")
 
-
 def error_line(e: Exception) -> str:
     """One line naming what failed; an OS error names its path."""
     if isinstance(e, OSError) and not isinstance(e, GolfError):
         return f"{e.strerror or e}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
     return str(e)
-
 
 def log_summary(log: RunLog, status: dict) -> None:
     """The last lines of a run: what it produced, whether it is a valid record, and where everything is."""
@@ -2482,7 +2343,6 @@ def log_summary(log: RunLog, status: dict) -> None:
     out = status["out"]
     files = [f"log:{status['log']}"] + [f"{n}:{out / n}" for n in RESULT_FILES if (out / n).exists()]
     log("files: " + " ".join(files))
-
 
 def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, status: dict) -> None:
     log_header(hp, d, log, run_id)
@@ -2526,7 +2386,6 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
         write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, final, status["problems"])
         log(f"submission: {out / 'submission.json'} val_bpb:{final.mixed_bpb:.8f}")
 
-
 def main() -> None:
     hp = Hyperparameters.from_env(os.environ)
     d = init_distributed(hp.dist_timeout_seconds)
@@ -2543,7 +2402,6 @@ def main() -> None:
         raise
     finally:
         log_summary(log, status)
-
 
 if __name__ == "__main__":
     try:
