@@ -162,12 +162,8 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env) -> "Hyperparameters":
-        kwargs = {}
-        for f in fields(cls):
-            name = f.name.upper()
-            if name in env:
-                kwargs[f.name] = _parse_setting(name, env[name], f.type)
-        hp = cls(**kwargs)
+        hp = cls(**{f.name: _parse_setting(f.name.upper(), env[f.name.upper()], f.type)
+                    for f in fields(cls) if f.name.upper() in env})
         hp.validate()
         return hp
 
@@ -323,11 +319,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any: keeps stop decisions identical across ranks."""
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
 
-def shared_seconds(local: float, d: "Dist") -> float:
-    """The slowest rank's elapsed time, so every time-driven decision (schedule, QAT, SWA, logging,
-    stopping) is identical on all ranks."""
-    return all_reduce(torch.tensor([local], dtype=torch.float64, device=d.device), "max").item()
-
 def sync(d: Dist) -> None:
     if d.is_cuda:
         torch.cuda.synchronize(d.device)
@@ -429,9 +420,8 @@ def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
         raise GolfError(f"{what}: token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
 
 class TokenStream:
-    """Reads the train shards in order, forever; `take(n)` returns the next n tokens. With vocab_size,
-    every shard's ids are checked against it when the shard is loaded. The next shard is read and checked
-    in a background thread while this one is consumed (0.1-0.4 s per shard, off the training step)."""
+    """The train shards in order, forever (ids checked against vocab_size if given); `take(n)` returns the
+    next n tokens. The next shard is read in a background thread (0.1-0.4 s per shard, off the step)."""
 
     def __init__(self, data_path: str, vocab_size: int | None = None):
         self.files, self.vocab_size = shard_files(data_path, "train"), vocab_size
@@ -459,10 +449,9 @@ class TokenStream:
         return torch.cat(parts)
 
 class DistributedTokenLoader:
-    """Each call takes the next global micro-batch of n tokens plus the one after it (identical on every
-    rank; the stream advances by n, so every consecutive pair of the stream is trained on exactly once
-    whatever WORLD_SIZE is) and returns this rank's slice as (x, y) and the whole micro-batch, from which
-    every rank counts the same bigrams for the complementary loss."""
+    """Each call takes the next global micro-batch of n tokens plus the one after it (the same on every rank,
+    so every pair of the stream is trained on once whatever WORLD_SIZE is); returns this rank's (x, y) and the
+    whole micro-batch (every rank counts the same bigrams for the complementary loss)."""
 
     def __init__(self, data_path: str, d: Dist, vocab_size: int):
         self.stream, self.d = TokenStream(data_path, vocab_size), d
@@ -1140,10 +1129,8 @@ class Trainer:
         return copy.deepcopy((self.model.state_dict(), self.muon.state_dict(), self.adam.state_dict()))
 
     def restore(self, snap) -> None:
-        model_sd, muon_sd, adam_sd = snap
-        self.model.load_state_dict(model_sd)
-        self.muon.load_state_dict(muon_sd)
-        self.adam.load_state_dict(adam_sd)
+        for obj, sd in zip((self.model, self.muon, self.adam), snap):
+            obj.load_state_dict(sd)
 
 class WeightAverager:
     """EMA of every parameter each step; during the low-LR tail (LR multiplier < SWA_LR_THRESHOLD) a
@@ -1359,10 +1346,7 @@ def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat
     check_finite(loss, step)
     train_s, done = shared[0], max(1.0, shared[2])
     avg_ms = 1000 * train_s / done
-    if plan is not None:
-        eta = max(0.0, plan.train_share() - train_s)
-    else:
-        eta = avg_ms * (hp.iterations - step) / 1000
+    eta = max(0.0, plan.train_share() - train_s) if plan is not None else avg_ms * (hp.iterations - step) / 1000
     log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{train_s * 1000:.0f}ms "
         f"step_avg:{avg_ms:.2f}ms tok_s:{hp.train_batch_tokens * done / max(train_s, 1e-9):.0f} "
         f"lr_mult:{lr_mult:.3f} qat:{int(qat)} eta:{eta:.0f}s")
