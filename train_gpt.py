@@ -2122,7 +2122,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
     log(f"{label}_phases: " + " ".join(f"{k}:{v:.2f}s" for k, v in timer.seconds.items()))
     return EvalResult(model_nll / n, bits_per_byte(model_nll, n_bytes), mixed_nll / n, bits_per_byte(mixed_nll, n_bytes),
                       int(n), int(n_bytes), time.perf_counter() - t0, audit.tolist(), dict(timer.seconds),
-                      mixer.temperature)
+                      temperature=mixer.temperature)
 
 class PhaseTimer:
     """Wall time per eval phase (synchronized on CUDA so kernels are charged to their phase)."""
