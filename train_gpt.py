@@ -603,11 +603,10 @@ def _fa3_kernel():
     return lambda q, k, v: (lambda out: out[0] if isinstance(out, tuple) else out)(_fa3_func(q, k, v, causal=True))
 
 def configure_attention(hp: Hyperparameters, d: Dist) -> str:
-    """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3
-    if installed, else FA4, else SDPA with its backend order set explicitly to cuDNN > flash > efficient >
-    math (torch 2.9 tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3). ATTN_BACKEND
-    forces one. For SDPA the name is its own choice for the training shapes (`_fused_sdp_choice`, what
-    its dispatch calls), i.e. the kernel that runs."""
+    """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3 if
+    installed, else FA4, else SDPA with its backend order set to cuDNN > flash > efficient > math (torch 2.9
+    tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3); ATTN_BACKEND forces one. For SDPA
+    the name is its own choice for the training shapes (`_fused_sdp_choice`, what its dispatch calls)."""
     global _flash_kernel
     want, dtype, _flash_kernel = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, None
     q = torch.randn(1, hp.train_seq_len, hp.num_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
@@ -924,11 +923,9 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
 
 # Parameter banks + Parallel Muon: PR #399 (used by the merged record PR #549); decoupled WD: PR #65/#162 line
 class ParallelMuon(torch.optim.Optimizer):
-    """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices.
-
-    Per bank group: `lrs` is a (N,) tensor of per-matrix learning rates (encoder/decoder split);
-    the schedule sets `lr_mult` and `momentum`. Use: `launch_reduce_scatter()` right after backward,
-    `owned_grad_sq_norm()` for the global clip, then `step(clip_coef)`."""
+    """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices; `lrs` (N,) per matrix
+    (encoder/decoder split), `lr_mult` and `momentum` set by the schedule. Use: `launch_reduce_scatter()` after
+    backward, `wait_reduce_scatter()`, `owned_grad_sq_norm(grads)` for the global clip, `step(grads, clip)`."""
 
     def __init__(self, banks: list, lrs: list, momentum: float, weight_decay: float, backend_steps: int,
                  d: Dist):
@@ -1210,10 +1207,9 @@ def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
         f"restored:weights,optimizer_state,loader,bigram_counts")
 
 class SharedClock:
-    """Training time agreed by every rank without a host sync per step. Each step posts this rank's clock
-    into an asynchronous max-all-reduce and reads the result posted one step earlier; on CUDA that read
-    waits only for the earlier step, so the GPU queue never drains. Decisions taken from `read()` are one
-    step late and identical on all ranks."""
+    """Training time agreed by every rank without a host sync per step: each step posts this rank's clock into
+    a max-all-reduce and reads the result posted one step earlier (on CUDA that waits only for the earlier
+    step, so the GPU queue never drains). Decisions taken from `read()` are one step late, identical on all ranks."""
 
     def __init__(self, d: Dist):
         self.d, self.pending = d, []
@@ -2043,9 +2039,8 @@ class EvalResult:
 def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
              use_ngram: bool, use_ttt: bool, clock_start: float | None = None, label: str = "eval",
              dump_path: str = "") -> EvalResult:
-    """The single pass. With clock_start, stops loudly (GolfError) once EVAL_BUDGET_SECONDS
-    have passed since then: a partial score is never reported. With dump_path, saves per-target arrays
-    and the full mixed distributions at the audited targets."""
+    """The single pass. With clock_start and EVAL_BUDGET_STOP=1, stops (GolfError: a partial score is never
+    reported) once EVAL_BUDGET_SECONDS have passed. dump_path: per-target arrays and the audited distributions."""
     t0 = time.perf_counter()
     model.eval()
     tokens = val_tokens.to(d.device, dtype=torch.int64)
@@ -2111,8 +2106,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             log(f"{label}_budget_exceeded: stopped after chunk {c + 1}/{n_chunks} at "
                 f"{time.perf_counter() - clock_start:.1f}s > EVAL_BUDGET_SECONDS={hp.eval_budget_seconds}; "
                 f"the partial score is NOT a result and is not reported")
-            raise GolfError(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} "
-                                     f"after chunk {c + 1}/{n_chunks}")
+            raise GolfError(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} after chunk {c + 1}/{n_chunks}")
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
