@@ -289,11 +289,9 @@ def init_distributed(timeout_seconds: float = 300.0) -> Dist:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if 8 % world_size != 0:
         raise GolfError(f"WORLD_SIZE={world_size} must divide 8 (grad accumulation = 8 / WORLD_SIZE)")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1:
         # A timeout, so a rank that stopped ends the run with a message instead of a silent 30-minute wait.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -870,13 +868,10 @@ class GPT(nn.Module):
 
 def block_matrices(model: GPT) -> dict:
     """The block matrices as ordinary 2-D views of the banks, named after their MatrixSlots."""
-    L, out = model.hp.num_layers, {}
-    for i in range(L):
-        p = f"blocks.{i}."
-        out[p + "attn.c_q"], out[p + "attn.c_proj"] = model.qo_bank[i], model.qo_bank[L + i]
-        out[p + "attn.c_k"], out[p + "attn.c_v"] = model.kv_bank[i], model.kv_bank[L + i]
-        out[p + "mlp.c_fc"], out[p + "mlp.c_proj"] = model.mlp_up_bank[i], model.mlp_down_bank[i]
-    return out
+    slot = dict(q="attn.c_q", o="attn.c_proj", k="attn.c_k", v="attn.c_v", up="mlp.c_fc", down="mlp.c_proj")
+    banks = {name: getattr(model, name) for name in BANKS}
+    return {f"blocks.{i}.{slot[k]}": W for i in range(model.hp.num_layers)
+            for k, W in model.layer_weights(banks, i).items()}
 
 def unbanked_state_dict(model: GPT) -> dict:
     """state_dict with the banks replaced by their named 2-D matrices (the artifact's view)."""
@@ -1033,16 +1028,16 @@ def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
 # ==================== Training =======================================================================
 # WSD schedule on the wall clock (or on the step count when MAX_WALLCLOCK_SECONDS=0, which makes two runs
 # with the same SEED bit-identical on the same CPU), complementary loss, late QAT, EMA + SWA. Compile
-# warm-up steps run before the clock and are undone. The loop stops EXPORT_RESERVE_SECONDS before the
-# budget so GPTQ calibration, quantization and writing the artifact fit inside MAX_WALLCLOCK_SECONDS.
+# warm-up steps run before the clock and are undone. The loop stops when its predicted end (BudgetPlan: training
+# + the export measured before the clock) would pass the budget, so export fits inside MAX_WALLCLOCK_SECONDS.
 
 def autocast(d: Dist):
     return torch.autocast("cuda", dtype=torch.bfloat16) if d.is_cuda else contextlib.nullcontext()
 
 class BigramCounter:
-    """Complementary training (bigram-weighted loss, PR #803): bigram counts of every
-    training token seen so far. Every rank counts the whole global micro-batch, so counts are identical
-    everywhere without communication. weight = max(0.1, 1 - alpha * count(prev->tgt) / (count(prev) + 1))."""
+    """Complementary training (bigram-weighted loss, PR #803): bigram counts of every training token seen so far,
+    identical on every rank without communication (each counts the whole global micro-batch).
+    weight = max(0.1, 1 - alpha * count(prev->tgt) / (count(prev) + 1))."""
 
     def __init__(self, vocab_size: int, alpha: float, device: torch.device):
         self.V, self.alpha = vocab_size, alpha
@@ -1552,12 +1547,8 @@ def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | 
 def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
     """H = mean x^T x of every block matrix's input over GPTQ_N_SAMPLES training sequences, identical on
     all ranks (each rank takes a share, then one all-reduce). q/k/v share one input, so one H."""
-    sources = {}
-    for i, block in enumerate(model.blocks):
-        p = f"blocks.{i}."
-        for slot, key in ((block.attn.c_q, "attn.c_q"), (block.attn.c_proj, "attn.c_proj"),
-                          (block.mlp.c_fc, "mlp.c_fc"), (block.mlp.c_proj, "mlp.c_proj")):
-            sources[p + key] = slot
+    sources = {f"blocks.{i}.{key}": block.get_submodule(key) for i, block in enumerate(model.blocks)
+               for key in ("attn.c_q", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     C = {name: W.size(1) for name, W in block_matrices(model).items()}
     H = {name: torch.zeros(C[name], C[name], device=d.device) for name in sources}
 
