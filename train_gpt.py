@@ -1934,8 +1934,7 @@ class LearnedMix:
             lp = (lp0 + ds * dz - 0.5 * var * ds ** 2).clamp(max=0.0)  # log p at the new temperature
             loss = -witten_bell(lp, C, c, u, self.beta(ent), self.smooth)[0].sum()
             grad, = torch.autograd.grad(loss, self.theta)
-            total = all_reduce(torch.cat([grad, torch.tensor([float(lp0.numel())], device=grad.device,
-                                                               dtype=grad.dtype)]))
+            total = all_reduce(torch.cat([grad, grad.new_tensor([float(lp0.numel())])]))
             self.theta.grad = total[:-1] / total[-1].clamp(min=1)
             self.opt.step()
             with torch.no_grad():
@@ -1964,10 +1963,9 @@ def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tenso
                         torch.cat([target_err, zero]).max(), mismatch]), p
 
 class TestTimeTrainer:
-    """LoRA TTT on the q and v projections of the last TTT_LAST_N blocks: after a chunk is scored,
-    TTT_STEPS AdamW steps on its byte-weighted CE (its sequences split across ranks, gradients averaged),
-    each followed by an update of the Polyak average that the next chunk is scored with. LoRA TTT with Polyak
-    averaging and the byte-weighted loss: PR #850 (Polyak: PR #798); score-first TTT: PR #461."""
+    """LoRA TTT (PR #850; score-first: PR #461) on the q and v projections of the last TTT_LAST_N blocks: after
+    a chunk is scored, TTT_STEPS AdamW steps on its byte-weighted CE (PR #850; sequences split across ranks,
+    gradients averaged), each followed by an update of the Polyak average (PR #798) the next chunk is scored with."""
 
     def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
         self.model, self.hp, self.d = model, hp, d
@@ -2097,7 +2095,8 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             log(f"{label}_budget_exceeded: stopped after chunk {c + 1}/{n_chunks} at "
                 f"{time.perf_counter() - clock_start:.1f}s > EVAL_BUDGET_SECONDS={hp.eval_budget_seconds}; "
                 f"the partial score is NOT a result and is not reported")
-            raise GolfError(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} after chunk {c + 1}/{n_chunks}")
+            raise GolfError(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} "
+                            f"after chunk {c + 1}/{n_chunks}")
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
