@@ -523,7 +523,7 @@ def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
 # matrix's input (GPTQ Hessians) and which can carry a LoRA adapter (test-time training).
 
 ATTN_GATE_BIAS = 4.0      # sigmoid(4) ~ 0.982: gated attention starts almost open
-LEAKY_SLOPE = 0.9         # LeakyReLU(0.9)^2: PR #493, PR #518 (in PR #549); slope 0.9: PR #850
+LEAKY_SLOPE = 0.9         # LeakyReLU^2: PR #493, PR #518 (in PR #549); slope 0.9: PR #850
 BASE_BITS = 5             # late QAT's grid and the export's start width (int5: PR #286 MLP, PR #850 all blocks)
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -538,10 +538,9 @@ def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) 
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 def row_grid_scale(W: torch.Tensor, qmax: int, clip_levels: tuple = (1.0,)) -> torch.Tensor:
-    """The one rule for a row's grid, used by late QAT and by the exporter's candidates: of the scales
-    clip * max|row| / qmax (clip in GPTQ_CLIP_LEVELS), the one whose round-to-nearest error on the row itself
-    is smallest (first level on a tie). A row already on a grid (QAT-converged) keeps it: clip 1.0 gives it
-    back with error 0. No .item() or branch on values, so the QAT forward compiles; W may be a 3-D bank."""
+    """A row's grid in late QAT and `quantize_rtn`: of the scales clip * max|row| / qmax (clip in GPTQ_CLIP_LEVELS),
+    the one with the smallest round-to-nearest error on the row (first on a tie); a QAT-converged row keeps its
+    grid (clip 1.0, error 0). No .item() or branch on values, so the QAT forward compiles; W may be a 3-D bank."""
     Wf = W.detach().float()
     scales = torch.stack([int_row_scale(Wf, qmax, c) for c in clip_levels])  # (K, ..., R, 1)
     err = ((torch.clamp(torch.round(Wf / scales), -qmax, qmax) * scales - Wf) ** 2).sum(-1, keepdim=True)
@@ -671,8 +670,7 @@ class Rotary(nn.Module):
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
         self.rope_dims = rope_dims
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims),
-                             persistent=False)
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
         if self.rope_dims == 0:
@@ -699,7 +697,7 @@ class CausalSelfAttention(nn.Module):
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
         self.use_xsa = layer >= L - hp.xsa_last_n  # XSA (arXiv:2603.09078): PR #265; last 4 layers: PR #287
-        self.use_ve = layer >= L - hp.ve_last_n            # value embeddings on the last VE_LAST_N layers
+        self.use_ve = layer >= L - hp.ve_last_n  # value embeddings on the last VE_LAST_N layers
         self.ve_scale = nn.Parameter(torch.tensor(0.1)) if self.use_ve else None
         # Value residual (ResFormer, arXiv:2410.17897): PR #413
         self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 and hp.value_residual else None
@@ -1184,8 +1182,8 @@ class TrainResult:
     export_estimate: float = 0.0  # what the stop rule reserved for calibration + export (0: step-based run)
 
 def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
-    """Compile every variant (plain and late-QAT) before the clock, then undo the warm-up's effect on
-    weights and optimizer state; the caller starts a fresh loader and fresh bigram counts (the contest's baseline)."""
+    """Warm-up undone before the clock (the contest's baseline): compile every variant (plain and late-QAT),
+    then restore weights and optimizer state; the caller starts a fresh loader and fresh bigram counts."""
     hp = trainer.hp
     if hp.warmup_steps == 0:
         return
