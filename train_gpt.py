@@ -18,9 +18,7 @@ Rules kept at evaluation (the contest's validity conditions):
   C4 one pass     every validation target is scored exactly once, left to right.
 """
 
-# =====================================================================================================
-# Imports
-# =====================================================================================================
+# ==================== Imports ========================================================================
 
 import collections
 import contextlib
@@ -30,7 +28,6 @@ import datetime
 import functools
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
@@ -57,14 +54,11 @@ try:  # FlashAttention-3 is optional (see configure_attention)
 except ImportError:
     _fa3_func = None
 
-
 class GolfError(Exception):
     """A failure the user can fix (bad setting, missing or corrupt file, over the cap, over budget)."""
 
 
-# =====================================================================================================
-# Hyperparameters
-# =====================================================================================================
+# ==================== Hyperparameters ================================================================
 # One typed settings object. Every field is read from the environment variable of the same name in upper
 # case (NUM_LAYERS, XSA_LAST_N, ...) by `Hyperparameters.from_env`, called inside main(); tests construct
 # it directly. The defaults are the submitted run: reproducing needs only `SEED=... torchrun ...`.
@@ -168,12 +162,8 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env) -> "Hyperparameters":
-        kwargs = {}
-        for f in fields(cls):
-            name = f.name.upper()
-            if name in env:
-                kwargs[f.name] = _parse_setting(name, env[name], f.type)
-        hp = cls(**kwargs)
+        hp = cls(**{f.name: _parse_setting(f.name.upper(), env[f.name.upper()], f.type)
+                    for f in fields(cls) if f.name.upper() in env})
         hp.validate()
         return hp
 
@@ -208,72 +198,56 @@ class Hyperparameters:
             value = getattr(self, f.name)
             if f.type in (int, float) and f.name != "seed":
                 need(value >= 0 and math.isfinite(value), f.name.upper(), "must be a finite number >= 0")
+        at_least = dict(num_layers=2, num_heads=1, num_kv_heads=1, ttt_last_n=1, train_seq_len=2, train_batch_tokens=1,
+                        dist_timeout_seconds=1, muon_backend_steps=1, swa_every=1, train_log_every=1, gptq_block_size=1,
+                        gptq_n_samples=1, iterations=1, eval_seq_len=1, eval_stride=1, ttt_chunk_tokens=1,
+                        eval_batch_seqs=1, ttt_steps=1, ttt_lora_rank=1, ngram_eval_order=2, ngram_eval_min_order=2)
+        for var, lo in at_least.items():  # NUM_LAYERS: encoder/decoder halves; NGRAM_EVAL_ORDER: a 1-token context
+            need(getattr(self, var) >= lo, var.upper(), f"must be >= {lo}")
+        for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum", "swa_weight",
+                    "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
+            need(getattr(self, var) <= 1, var.upper(), "must be in [0, 1]")
+        for var in ("ema_decay", "ttt_polyak_decay"):
+            need(getattr(self, var) < 1, var.upper(), "must be in [0, 1)")
+        for var in ("ve_last_n", "xsa_last_n", "ttt_last_n"):
+            need(getattr(self, var) <= self.num_layers, var.upper(), "must be <= NUM_LAYERS")
+        for var in ("eval_budget_seconds", "ttt_temperature"):
+            need(getattr(self, var) > 0, var.upper(), "must be > 0")
         need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "must be in 2..65536 (uint16 shards)")
-        need(self.num_layers >= 2, "NUM_LAYERS", "need at least 2 layers (encoder/decoder halves)")
-        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
-        need(self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS",
-             "must divide NUM_HEADS")
+        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", "must divide NUM_HEADS")
         need(self.head_dim % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM / NUM_HEADS) must be even")
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS", "must be even and <= head dim")
         need(self.mlp_hidden >= 1, "MLP_MULT", "MLP hidden width must be >= 1")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "need 0 (no BigramHash) or at least 2 buckets")
-        need(self.ve_last_n <= self.num_layers, "VE_LAST_N", "must be in 0..NUM_LAYERS")
-        need(self.xsa_last_n <= self.num_layers, "XSA_LAST_N", "must be <= NUM_LAYERS")
-        need(1 <= self.ttt_last_n <= self.num_layers, "TTT_LAST_N", "must be in 1..NUM_LAYERS")
-        need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", "must be >= 2")
-        need(self.train_batch_tokens > 0 and self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             "TRAIN_BATCH_TOKENS", "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
+        need(self.train_batch_tokens % (8 * self.train_seq_len) == 0, "TRAIN_BATCH_TOKENS",
+             "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
         need(self.max_wallclock_seconds == 0 or self.export_reserve_seconds < self.max_wallclock_seconds,
-             "EXPORT_RESERVE_SECONDS",
-             "must be smaller than MAX_WALLCLOCK_SECONDS")
+             "EXPORT_RESERVE_SECONDS", "must be smaller than MAX_WALLCLOCK_SECONDS")
         need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
         need(self.attn_backend in ("auto", "fa3", "fa4") + SDPA_ORDER, "ATTN_BACKEND",
              f"must be auto, fa3, fa4 or one of {SDPA_ORDER}")
-        need(0 <= self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
-        for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum",
-                    "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
-            need(getattr(self, var) <= 1, var.upper(), "must be in [0, 1]")
-        need(self.dist_timeout_seconds >= 1, "DIST_TIMEOUT_SECONDS", "must be >= 1")
-        need(self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", "must be > 0")
-        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS", "must be >= 1")
-        need(0 <= self.swa_weight <= 1, "SWA_WEIGHT", "must be in [0, 1]")
-        need(self.swa_every >= 1, "SWA_EVERY", "must be >= 1")
-        need(self.train_log_every >= 1, "TRAIN_LOG_EVERY", "must be >= 1")
         need(self.val_batch_tokens >= self.train_seq_len, "VAL_BATCH_TOKENS", "must hold one sequence")
-        need(self.gptq_block_size >= 1, "GPTQ_BLOCK_SIZE", "must be >= 1")
-        need(self.gptq_n_samples >= 1, "GPTQ_N_SAMPLES", "must be >= 1")
         levels, widths = (_parse_list(fn) for fn in (self.clip_levels, self.bit_widths))
         need(1.0 in levels and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
              "must be a comma list of numbers in (0, 1] including 1.0 (the grid of a row late QAT converged)")
         need(BASE_BITS in widths and all(2 <= b <= 8 for b in widths), "QUANT_BITS",
              f"must be a comma list of widths in 2..8 including {BASE_BITS} (late QAT's grid)")
         need(self.size_margin_bytes < self.artifact_size_cap, "SIZE_MARGIN_BYTES", "must be < ARTIFACT_SIZE_CAP")
-        need(self.iterations >= 1, "ITERATIONS", "must be >= 1 (a step cap, or the step count)")
-        need(self.eval_seq_len >= 1, "EVAL_SEQ_LEN", "must be >= 1")
-        need(self.eval_stride >= 1 and self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE",
-             "must divide EVAL_SEQ_LEN")
-        need(self.ttt_chunk_tokens >= 1 and self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
+        need(self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE", "must divide EVAL_SEQ_LEN")
+        need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
              "must be a multiple of EVAL_SEQ_LEN (windows and TTT sequences never straddle chunks)")
-        need(self.eval_batch_seqs >= 1, "EVAL_BATCH_SEQS", "must be >= 1")
-        need(self.ttt_temperature > 0, "TTT_TEMPERATURE", "must be > 0")
-        need(0 <= self.ttt_polyak_decay < 1, "TTT_POLYAK_DECAY", "must be in [0, 1)")
-        need(self.ttt_steps >= 1, "TTT_STEPS", "must be >= 1")
-        need(self.ttt_lora_rank >= 1, "TTT_LORA_RANK", "must be >= 1")
-        need(self.ngram_eval_order >= 2, "NGRAM_EVAL_ORDER", "must be >= 2 (a context of at least one token)")
-        need(2 <= self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER",
-             "must be in 2..NGRAM_EVAL_ORDER")
+        need(self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER", "must be <= NGRAM_EVAL_ORDER")
         need(self.ngram_eval_order < 2 ** NGramCache.ORDER_BITS, "NGRAM_EVAL_ORDER",
              f"must be < {2 ** NGramCache.ORDER_BITS} (the order field of the cache keys)")
         need(not self.eval_dump_path or Path(self.eval_dump_path).resolve().parent.is_dir(), "EVAL_DUMP_PATH",
              "its folder must exist")
-
 
 def _parse_list(parse) -> tuple:
     try:
         return parse()
     except ValueError:
         return ()
-
 
 def _parse_setting(name: str, text: str, kind: type):
     try:
@@ -286,16 +260,13 @@ def _parse_setting(name: str, text: str, kind: type):
     except ValueError:
         raise GolfError(f"{name}={text!r} is not a valid {kind.__name__}") from None
 
-
 # What the artifact must record to rebuild the network.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "ve_dim", "ve_last_n",
                 "xsa_last_n", "smear_gate", "gated_attn", "value_residual", "unet_skips")
 
 
-# =====================================================================================================
-# Distributed and logging helpers
-# =====================================================================================================
+# ==================== Distributed and logging helpers ================================================
 # The same file runs as one CPU process, as several CPU processes under torchrun (gloo), and on GPUs
 # (NCCL). Every cross-rank reduction goes through `all_reduce`, a no-op for a single process.
 
@@ -313,23 +284,19 @@ class Dist:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
-
 def init_distributed(timeout_seconds: float = 300.0) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if 8 % world_size != 0:
         raise GolfError(f"WORLD_SIZE={world_size} must divide 8 (grad accumulation = 8 / WORLD_SIZE)")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1:
         # A timeout, so a rank that stopped ends the run with a message instead of a silent 30-minute wait.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_seconds))
     return Dist(rank, world_size, device)
-
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce ('sum', 'avg' or 'max'); returns t. No-op for a single process."""
@@ -337,33 +304,22 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}[op])
     return t
 
-
 def broadcast(t: torch.Tensor, src: int) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(t, src)
     return t
 
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any: keeps stop decisions identical across ranks."""
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
 
-
-def shared_seconds(local: float, d: "Dist") -> float:
-    """The slowest rank's elapsed time, so every time-driven decision (schedule, QAT, SWA, logging,
-    stopping) is identical on all ranks."""
-    return all_reduce(torch.tensor([local], dtype=torch.float64, device=d.device), "max").item()
-
-
 def sync(d: Dist) -> None:
     if d.is_cuda:
         torch.cuda.synchronize(d.device)
-
 
 class RunLog:
     """Rank-0 log: `key:value` lines to stdout and to logs/<RUN_ID>.txt."""
@@ -382,7 +338,6 @@ class RunLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(msg + "\n")
 
-
 def describe_environment(d: Dist) -> list[str]:
     import sentencepiece
     gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
@@ -392,9 +347,7 @@ def describe_environment(d: Dist) -> list[str]:
             f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}"]
 
 
-# =====================================================================================================
-# Data and BPB accounting
-# =====================================================================================================
+# ==================== Data and BPB accounting ========================================================
 # Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is
 # BOS (id 1) followed by its tokens. Every rank reads the same deterministic stream and takes its own
 # slice, so the global batch does not depend on WORLD_SIZE. BPB counts the UTF-8 bytes of the text each
@@ -402,7 +355,6 @@ def describe_environment(d: Dist) -> list[str]:
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
-
 
 def check_shard(path: Path) -> int:
     """Validate a shard's header and size (cheap: reads 1 KiB); returns its token count."""
@@ -421,13 +373,11 @@ def check_shard(path: Path) -> int:
                         f"but the file has {size} bytes (truncated or corrupt)")
     return n
 
-
 def load_data_shard(path: Path) -> torch.Tensor:
     """Read one shard as an int32 tensor; reject a wrong magic, version or size, naming the file."""
     n = check_shard(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
-
 
 def shard_files(data_path: str, split: str) -> list[Path]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
@@ -436,7 +386,6 @@ def shard_files(data_path: str, split: str) -> list[Path]:
         raise GolfError(f"DATA_PATH={data_path!r}: no {split} shards matching {pattern} "
                         f"(fetch the data, see README, or run ./run.sh to build the embedded corpus)")
     return files
-
 
 def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
     """Every train shard's header, size and token range, checked at start-up rather than when training
@@ -456,7 +405,6 @@ def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
             raise GolfError(f"train shard {path}: token id {int(m)} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
     return sum(counts)
 
-
 def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
     tokens = torch.cat([load_data_shard(p) for p in shard_files(data_path, "val")])
     if tokens.numel() < 2:
@@ -464,17 +412,14 @@ def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
     check_token_range(tokens, vocab_size, "validation shards")
     return tokens
 
-
 def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
     top = int(tokens.max())
     if top >= vocab_size:
         raise GolfError(f"{what}: token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
 
-
 class TokenStream:
-    """Reads the train shards in order, forever; `take(n)` returns the next n tokens. With vocab_size,
-    every shard's ids are checked against it when the shard is loaded. The next shard is read and checked
-    in a background thread while this one is consumed (0.1-0.4 s per shard, off the training step)."""
+    """The train shards in order, forever (ids checked against vocab_size if given); `take(n)` returns the
+    next n tokens. The next shard is read in a background thread (0.1-0.4 s per shard, off the step)."""
 
     def __init__(self, data_path: str, vocab_size: int | None = None):
         self.files, self.vocab_size = shard_files(data_path, "train"), vocab_size
@@ -501,12 +446,10 @@ class TokenStream:
             n -= piece.numel()
         return torch.cat(parts)
 
-
 class DistributedTokenLoader:
-    """Each call takes the next global micro-batch of n tokens plus the one after it (identical on every
-    rank; the stream advances by n, so every consecutive pair of the stream is trained on exactly once
-    whatever WORLD_SIZE is) and returns this rank's slice as (x, y) and the whole micro-batch, from which
-    every rank counts the same bigrams for the complementary loss."""
+    """Each call takes the next global micro-batch of n tokens plus the one after it (the same on every rank,
+    so every pair of the stream is trained on once whatever WORLD_SIZE is); returns this rank's (x, y) and the
+    whole micro-batch (every rank counts the same bigrams for the complementary loss)."""
 
     def __init__(self, data_path: str, d: Dist, vocab_size: int):
         self.stream, self.d = TokenStream(data_path, vocab_size), d
@@ -522,7 +465,6 @@ class DistributedTokenLoader:
         local = tokens[self.d.rank * n:(self.d.rank + 1) * n + 1]
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), tokens
 
-
 @dataclass
 class ByteLUTs:
     base_bytes: torch.Tensor         # (V,) int16: UTF-8 bytes of the piece without its leading "▁"
@@ -531,7 +473,6 @@ class ByteLUTs:
 
     def to(self, device) -> "ByteLUTs":
         return ByteLUTs(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
-
 
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
@@ -549,8 +490,7 @@ def load_tokenizer(path: str, vocab_size: int):
         raise GolfError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own")
     return sp
 
-
-def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:
+def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:  # the contest's baseline build_sentencepiece_luts
     base = torch.zeros(vocab_size, dtype=torch.int16)
     space = torch.zeros(vocab_size, dtype=torch.bool)
     boundary = torch.zeros(vocab_size, dtype=torch.bool)
@@ -566,35 +506,29 @@ def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:
             base[i] = len(piece.encode("utf-8"))
     return ByteLUTs(base, space, boundary)
 
-
 def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts: ByteLUTs) -> torch.Tensor:
     """Bytes of text each target adds: its piece, plus the space of a leading "▁" unless it follows a
     boundary token (the decoder drops the space at the start of a document)."""
     extra = luts.has_leading_space[tgt] & ~luts.is_boundary[prev]
     return luts.base_bytes[tgt].to(torch.int64) + extra.to(torch.int64)
 
-
 def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
     return nll_nats / math.log(2.0) / n_bytes
 
 
-# =====================================================================================================
-# Model
-# =====================================================================================================
+# ==================== Model ==========================================================================
 # SPEC §2. The block matrices (q/out, k/v, MLP up, MLP down) live in four contiguous 3-D parameter banks
 # owned by the GPT, so that Parallel Muon can shard whole matrices across ranks. Blocks receive 2-D views
 # of the banks and apply them through `MatrixSlot`s: parameter-free modules whose forward hooks see each
 # matrix's input (GPTQ Hessians) and which can carry a LoRA adapter (test-time training).
 
 ATTN_GATE_BIAS = 4.0      # sigmoid(4) ~ 0.982: gated attention starts almost open
-LEAKY_SLOPE = 0.9         # MLP activation: LeakyReLU(0.9) then squared
-BASE_BITS = 5             # late QAT's grid and the exporter's starting width: integers -15..15, per-row scale
-
+LEAKY_SLOPE = 0.9         # LeakyReLU^2: PR #493, PR #518 (in PR #549); slope 0.9: PR #850
+BASE_BITS = 5             # late QAT's grid and the export's start width (int5: PR #286 MLP, PR #850 all blocks)
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without a weight; the reduction in float32 whatever the activations' dtype."""
     return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
-
 
 def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Per-row symmetric scale clip*max|W_row|/qmax, rounded to fp16 (as stored) and returned as float32.
@@ -603,26 +537,23 @@ def int_row_scale(W: torch.Tensor, qmax: int, clip: float | torch.Tensor = 1.0) 
     scale = (amax * clip / qmax).half().float()
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
-
 def row_grid_scale(W: torch.Tensor, qmax: int, clip_levels: tuple = (1.0,)) -> torch.Tensor:
-    """The one rule for a row's grid, used by late QAT and by the exporter's candidates: of the scales
-    clip * max|row| / qmax (clip in GPTQ_CLIP_LEVELS), the one whose round-to-nearest error on the row itself
-    is smallest (first level on a tie). A row already on a grid (QAT-converged) keeps it: clip 1.0 gives it
-    back with error 0. No .item() or branch on values, so the QAT forward compiles; W may be a 3-D bank."""
+    """A row's grid in late QAT and `quantize_rtn`: of the scales clip * max|row| / qmax (clip in GPTQ_CLIP_LEVELS),
+    the one with the smallest round-to-nearest error on the row (first on a tie); a QAT-converged row keeps its
+    grid (clip 1.0, error 0). No .item() or branch on values, so the QAT forward compiles; W may be a 3-D bank."""
     Wf = W.detach().float()
     scales = torch.stack([int_row_scale(Wf, qmax, c) for c in clip_levels])  # (K, ..., R, 1)
     err = ((torch.clamp(torch.round(Wf / scales), -qmax, qmax) * scales - Wf) ** 2).sum(-1, keepdim=True)
     return scales.gather(0, err.argmin(0, keepdim=True)).squeeze(0)  # (..., R, 1)
 
-
 def fake_quant_int5(W: torch.Tensor, clip_levels: tuple = (1.0,)) -> torch.Tensor:
-    """Late QAT: W mapped onto the exporter's int5 grid (`row_grid_scale`, round-to-nearest) with a
-    straight-through gradient. Works on 2-D matrices and 3-D banks."""
+    """Late QAT (PR #286, PR #850; STE form here): W rounded to int5 on the `row_grid_scale` grid with a
+    straight-through gradient. The exporter's GPTQ picks among the same clip levels by Hessian error, so the
+    grids agree where both pick clip 1.0 (a QAT-converged row). Works on 2-D matrices and 3-D banks."""
     qmax = 2 ** (BASE_BITS - 1) - 1
     scale = row_grid_scale(W, qmax, clip_levels)
     Wq = torch.clamp(torch.round(W.detach().float() / scale), -qmax, qmax) * scale
     return Wq.to(W.dtype) + (W - W.detach())  # value exactly Wq; gradient exactly identity
-
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa_native: bool = True) -> torch.Tensor:
     """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim: the
@@ -636,11 +567,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa_nati
                                        enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
-
 _flash_kernel = None  # a FlashAttention kernel (q, k, v) -> out in (B, T, heads, D), set by configure_attention
 SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # SDPA's backends, fastest first on H100
 _SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-
 
 def flash_custom_op(name: str, fwd, bwd):
     """A FlashAttention kernel pair as a torch.library custom op with autograd, so that compile(fullgraph)
@@ -661,24 +590,20 @@ def flash_custom_op(name: str, fwd, bwd):
                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
     return lambda q, k, v: attn(q, k, v)[0]
 
-
 @functools.cache
 def _fa4_kernel():
     from flash_attn.cute import interface as fa4  # optional: pip install --pre flash-attn-4
     return flash_custom_op("fa4", lambda q, k, v: fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True),
                            lambda q, k, v, o, do, lse: fa4._flash_attn_bwd(q, k, v, o, do, lse, causal=True))
 
-
 def _fa3_kernel():
     return lambda q, k, v: (lambda out: out[0] if isinstance(out, tuple) else out)(_fa3_func(q, k, v, causal=True))
 
-
 def configure_attention(hp: Hyperparameters, d: Dist) -> str:
-    """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3
-    if installed, else FA4, else SDPA with its backend order set explicitly to cuDNN > flash > efficient >
-    math (torch 2.9 tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3). ATTN_BACKEND
-    forces one. For SDPA the name is its own choice for the training shapes (`_fused_sdp_choice`, what
-    its dispatch calls), i.e. the kernel that runs."""
+    """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3 if
+    installed, else FA4, else SDPA with its backend order set to cuDNN > flash > efficient > math (torch 2.9
+    tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3); ATTN_BACKEND forces one. For SDPA
+    the name is its own choice for the training shapes (`_fused_sdp_choice`, what its dispatch calls)."""
     global _flash_kernel
     want, dtype, _flash_kernel = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, None
     q = torch.randn(1, hp.train_seq_len, hp.num_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
@@ -707,7 +632,6 @@ def configure_attention(hp: Hyperparameters, d: Dist) -> str:
         raise GolfError(f"ATTN_BACKEND={want}: no attention kernel can run the training shapes here")
     return f"sdpa_{SDPA_ORDER[order.index(choice)]}" + ("" if hp.attn_gqa_native else "_expanded_kv")
 
-
 class LoRA(nn.Module):
     """Rank-r adapter y += (x A^T) B^T for test-time training. A ~ N(0, 1/in), B = 0, so it starts as a
     no-op. `A_avg`, `B_avg` hold the Polyak average used for scoring."""
@@ -729,7 +653,6 @@ class LoRA(nn.Module):
         self.A_avg.lerp_(self.A, 1.0 - decay)
         self.B_avg.lerp_(self.B, 1.0 - decay)
 
-
 class MatrixSlot(nn.Module):
     """y = x W^T for a bank matrix W passed in by the caller (+ an optional LoRA adapter)."""
 
@@ -741,15 +664,13 @@ class MatrixSlot(nn.Module):
         y = F.linear(x, W.to(x.dtype))
         return y if self.lora is None else y + self.lora(x)
 
-
 class Rotary(nn.Module):
-    """Partial RoPE: rotates only the first `rope_dims` of each head's dimensions."""
+    """Partial RoPE (PR #315): rotates only the first `rope_dims` of each head's dimensions."""
 
     def __init__(self, rope_dims: int, base: float):
         super().__init__()
         self.rope_dims = rope_dims
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims),
-                             persistent=False)
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, rope_dims, 2).float() / rope_dims), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
         if self.rope_dims == 0:
@@ -761,7 +682,6 @@ class Rotary(nn.Module):
         x1, x2, rest = x[..., :half], x[..., half:self.rope_dims], x[..., self.rope_dims:]
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest], dim=-1)
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
@@ -770,16 +690,17 @@ class CausalSelfAttention(nn.Module):
         self.gqa_native = hp.attn_gqa_native
         self.c_q, self.c_k, self.c_v, self.c_proj = MatrixSlot(), MatrixSlot(), MatrixSlot(), MatrixSlot()
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
-        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
-        # Gated attention: per-head sigmoid gate from the attention input, weight 0 and bias 4 at init.
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))  # the contest's baseline
+        # Gated attention (arXiv:2505.06708, PR #413): per-head sigmoid gate, weight 0 and bias 4 (PR #850) at init
         self.gate = nn.Linear(hp.model_dim, hp.num_heads) if hp.gated_attn else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
-        self.use_xsa = layer >= L - hp.xsa_last_n          # XSA on the last XSA_LAST_N layers
-        self.use_ve = layer >= L - hp.ve_last_n            # value embeddings on the last VE_LAST_N layers
+        self.use_xsa = layer >= L - hp.xsa_last_n  # XSA (arXiv:2603.09078): PR #265; last 4 layers: PR #287
+        self.use_ve = layer >= L - hp.ve_last_n  # value embeddings on the last VE_LAST_N layers
         self.ve_scale = nn.Parameter(torch.tensor(0.1)) if self.use_ve else None
-        self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 and hp.value_residual else None  # VRL
+        # Value residual (ResFormer, arXiv:2410.17897): PR #413
+        self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 and hp.value_residual else None
 
     def forward(self, x, Wq, Wk, Wv, Wo, v0, ve):
         B, T, _ = x.shape
@@ -805,7 +726,6 @@ class CausalSelfAttention(nn.Module):
             y = y * torch.sigmoid(self.gate(x).float()).to(y.dtype)[..., None]  # gate (B, T, H)
         return self.c_proj(y.reshape(B, T, -1), Wo), v0
 
-
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -814,15 +734,15 @@ class MLP(nn.Module):
     def forward(self, x, W_up, W_down):
         return self.c_proj(F.leaky_relu(self.c_fc(x, W_up), LEAKY_SLOPE).square(), W_down)
 
-
 class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
         D = hp.model_dim
         self.attn, self.mlp = CausalSelfAttention(hp, layer), MLP()
+        # Residual mix with x0 and branch scales: the contest's baseline train_gpt.py (modded-nanogpt)
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(D), torch.zeros(D)]))  # x vs x0
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(D)), nn.Parameter(torch.ones(D))
-        self.ln_scale = 1.0 / math.sqrt(layer + 1)  # LN scale: deeper blocks see damped normalized inputs
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)  # LN scale (PR #315): deeper blocks see damped inputs
 
     def forward(self, x, x0, W, v0, ve):
         mix = self.resid_mix.to(x.dtype)
@@ -832,10 +752,9 @@ class Block(nn.Module):
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, W["up"], W["down"])
         return x, v0
 
-
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous, current) token; position 0 has no previous token and gets a
-    reserved bucket, so nothing is read from before the sequence start."""
+    reserved bucket, so nothing is read from before the sequence start. PR #135, PR #162; 4096 buckets: PR #850."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
@@ -855,7 +774,6 @@ class BigramHash(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.scale * self.proj(self.embed(self.bucket(idx)))
 
-
 class SmearGate(nn.Module):
     """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g; position 0 mixes with 0."""
 
@@ -868,9 +786,8 @@ class SmearGate(nn.Module):
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * prev
 
-
 class ValueEmbedding(nn.Module):
-    """A shared token embedding projected to the KV width, added (scaled per layer) to v."""
+    """A shared token embedding projected to the KV width, added (scaled per layer) to v (VE128: PR #374)."""
 
     def __init__(self, vocab_size: int, dim: int, kv_dim: int):
         super().__init__()
@@ -882,19 +799,17 @@ class ValueEmbedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.proj(self.embed(idx))
 
-
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
-
 
 class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         L, D, V = hp.num_layers, hp.model_dim, hp.vocab_size
         self.hp = hp
-        self.tok_emb = nn.Embedding(V, D)
+        self.tok_emb = nn.Embedding(V, D)  # tied embeddings, std 0.005, zero-init outputs: the contest's baseline
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D) if hp.bigram_vocab_size else None
-        self.smear = SmearGate(D) if hp.smear_gate else None
+        self.smear = SmearGate(D) if hp.smear_gate else None  # SmearGate: PR #65
         self.ve = ValueEmbedding(V, hp.ve_dim, hp.kv_dim) if hp.ve_last_n else None
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
         self.num_skips = min(hp.num_encoder_layers, L - hp.num_encoder_layers) if hp.unet_skips else 0
@@ -907,7 +822,7 @@ class GPT(nn.Module):
         with torch.no_grad():
             for i in range(L):
                 for W in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
-                    nn.init.orthogonal_(W)
+                    nn.init.orthogonal_(W)  # orthogonal init: PR #65 / PR #135 line of records
                 self.qo_bank[L + i].zero_()  # output projections start at zero
 
     def layer_weights(self, banks: dict, i: int) -> dict:
@@ -929,7 +844,7 @@ class GPT(nn.Module):
         ve = self.ve(idx) if self.ve is not None else None
         n_enc = self.hp.num_encoder_layers
         for i, block in enumerate(self.blocks):
-            if n_enc <= i < n_enc + self.num_skips:  # U-Net: decoder adds the most recent encoder output
+            if n_enc <= i < n_enc + self.num_skips:  # U-Net skips (baseline train_gpt.py, from modded-nanogpt)
                 x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
             x, v0 = block(x, x0, self.layer_weights(banks, i), v0, ve)
             if i < n_enc:
@@ -937,7 +852,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied output head with the softcap, in float32."""
+        """Tied output head with the softcap c*tanh(z/c), in float32 (the contest's baseline; Gemma 2)."""
         z = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
         c = self.hp.logit_softcap
         return c * torch.tanh(z / c)
@@ -949,24 +864,18 @@ class GPT(nn.Module):
         ce = F.cross_entropy(logits, targets.reshape(-1), reduction="none")
         return (ce * loss_weights.reshape(-1)).mean()
 
-
 def block_matrices(model: GPT) -> dict:
     """The block matrices as ordinary 2-D views of the banks, named after their MatrixSlots."""
-    L, out = model.hp.num_layers, {}
-    for i in range(L):
-        p = f"blocks.{i}."
-        out[p + "attn.c_q"], out[p + "attn.c_proj"] = model.qo_bank[i], model.qo_bank[L + i]
-        out[p + "attn.c_k"], out[p + "attn.c_v"] = model.kv_bank[i], model.kv_bank[L + i]
-        out[p + "mlp.c_fc"], out[p + "mlp.c_proj"] = model.mlp_up_bank[i], model.mlp_down_bank[i]
-    return out
-
+    slot = dict(q="attn.c_q", o="attn.c_proj", k="attn.c_k", v="attn.c_v", up="mlp.c_fc", down="mlp.c_proj")
+    banks = {name: getattr(model, name) for name in BANKS}
+    return {f"blocks.{i}.{slot[k]}": W for i in range(model.hp.num_layers)
+            for k, W in model.layer_weights(banks, i).items()}
 
 def unbanked_state_dict(model: GPT) -> dict:
     """state_dict with the banks replaced by their named 2-D matrices (the artifact's view)."""
     sd = {k: v.detach() for k, v in model.state_dict().items() if k not in BANKS}
     sd.update({name + ".weight": W.detach() for name, W in block_matrices(model).items()})
     return sd
-
 
 def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
     with torch.no_grad():
@@ -979,20 +888,17 @@ def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
         raise GolfError(f"artifact does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-# =====================================================================================================
-# Optimizers
-# =====================================================================================================
+# ==================== Optimizers =====================================================================
 # Parallel Muon for the four banks: after backward each bank's gradient is reduce-scattered (averaged) so
 # each rank owns whole matrices; the owner applies Nesterov momentum, orthogonalizes with Newton-Schulz
 # in bf16, scales, decays and steps its shard; the new shards are all-gathered while the next bank is
 # being computed. No DDP: the small replicated parameters (AdamW) get one flat all-reduce.
-# (Muon: Keller Jordan, modded-nanogpt; banked Parallel Muon: parameter-golf PR #399 line of records.)
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (Muon)
+# Muon and its quintic Newton-Schulz: Keller Jordan (modded-nanogpt), via the contest's baseline train_gpt.py
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Newer PyTorch renamed the single-tensor collectives (same signatures); use whichever exists.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate the orthogonal polar factor U V^T of each matrix in G (..., R, C), in bf16.
@@ -1008,13 +914,11 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
         X = a * X + (b * A + c * A @ A) @ X
     return X if wide else X.mT
 
-
+# Parameter banks + Parallel Muon: PR #399 (used by the merged record PR #549); decoupled WD: PR #65/#162 line
 class ParallelMuon(torch.optim.Optimizer):
-    """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices.
-
-    Per bank group: `lrs` is a (N,) tensor of per-matrix learning rates (encoder/decoder split);
-    the schedule sets `lr_mult` and `momentum`. Use: `launch_reduce_scatter()` right after backward,
-    `owned_grad_sq_norm()` for the global clip, then `step(clip_coef)`."""
+    """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices; `lrs` (N,) per matrix
+    (encoder/decoder split), `lr_mult` and `momentum` set by the schedule. Use: `launch_reduce_scatter()` after
+    backward, `wait_reduce_scatter()`, `owned_grad_sq_norm(grads)` for the global clip, `step(grads, clip)`."""
 
     def __init__(self, banks: list, lrs: list, momentum: float, weight_decay: float, backend_steps: int,
                  d: Dist):
@@ -1085,12 +989,11 @@ class ParallelMuon(torch.optim.Optimizer):
             update = update[:hi - lo].to(p.dtype) * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
             p[lo:hi].mul_(1 - lr * group["weight_decay"]).sub_(lr * update)  # decoupled weight decay
 
-
 def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
     """ParallelMuon for the banks; AdamW for embeddings (EMBED_LR) and every other small tensor
     (SCALAR_LR). Returns (muon, adam, replicated params)."""
     L, n_enc = hp.num_layers, hp.num_encoder_layers
-    layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])
+    layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])  # PR #850
     banks = [getattr(model, name) for name in BANKS]
     lrs = [layer_lr.repeat(2), layer_lr.repeat(2), layer_lr, layer_lr]  # bank rows: layer i and L + i
     muon = ParallelMuon(banks, lrs, hp.muon_momentum_warmup_start, hp.muon_wd, hp.muon_backend_steps, d)
@@ -1104,7 +1007,6 @@ def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
         betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
         fused=d.is_cuda)
     return muon, adam, embeds + scalars
-
 
 def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
     """One flat all-reduce for all replicated parameters' gradients. wait=False returns at once with a
@@ -1121,22 +1023,19 @@ def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
     return finish() if wait else finish
 
 
-# =====================================================================================================
-# Training
-# =====================================================================================================
+# ==================== Training =======================================================================
 # WSD schedule on the wall clock (or on the step count when MAX_WALLCLOCK_SECONDS=0, which makes two runs
 # with the same SEED bit-identical on the same CPU), complementary loss, late QAT, EMA + SWA. Compile
-# warm-up steps run before the clock and are undone. The loop stops EXPORT_RESERVE_SECONDS before the
-# budget so GPTQ calibration, quantization and writing the artifact fit inside MAX_WALLCLOCK_SECONDS.
+# warm-up steps run before the clock and are undone. The loop stops when its predicted end (BudgetPlan: training
+# + the export measured before the clock) would pass the budget, so export fits inside MAX_WALLCLOCK_SECONDS.
 
 def autocast(d: Dist):
     return torch.autocast("cuda", dtype=torch.bfloat16) if d.is_cuda else contextlib.nullcontext()
 
-
 class BigramCounter:
-    """Complementary loss (parameter-golf "complementary training" records): bigram counts of every
-    training token seen so far. Every rank counts the whole global micro-batch, so counts are identical
-    everywhere without communication. weight = max(0.1, 1 - alpha * count(prev->tgt) / (count(prev) + 1))."""
+    """Complementary training (bigram-weighted loss, PR #803): bigram counts of every training token seen so far,
+    identical on every rank without communication (each counts the whole global micro-batch).
+    weight = max(0.1, 1 - alpha * count(prev->tgt) / (count(prev) + 1))."""
 
     def __init__(self, vocab_size: int, alpha: float, device: torch.device):
         self.V, self.alpha = vocab_size, alpha
@@ -1156,20 +1055,17 @@ class BigramCounter:
             self.pair.index_add_(0, prev * self.V + tgt, ones)
             self.prev.index_add_(0, prev, ones)
 
-
 def lr_multiplier(progress: float, warmdown_frac: float) -> float:
-    """WSD: 1 for the first (1 - warmdown_frac) of training, then a cosine to 0 at progress 1."""
+    """WSD (PR #850; MiniCPM, arXiv:2404.06395): 1 for the first (1 - warmdown_frac), then a cosine to 0 at 1."""
     start = 1.0 - warmdown_frac
     if progress <= start:
         return 1.0
     x = min(1.0, (progress - start) / warmdown_frac)
     return 0.5 * (1.0 + math.cos(math.pi * x))
 
-
-def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
+def muon_momentum_at(step: int, hp: Hyperparameters) -> float:  # warm-up 0.92 -> 0.99: PR #65 / PR #162 line
     frac = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps > 0 else 1.0
     return hp.muon_momentum_warmup_start + frac * (hp.muon_momentum - hp.muon_momentum_warmup_start)
-
 
 @dataclass
 class Trainer:
@@ -1199,7 +1095,7 @@ class Trainer:
             (loss / accum).backward()
             total += loss.detach()
         self.muon.launch_reduce_scatter()
-        finish_replicated = all_reduce_grads(self.replicated, wait=False)  # in flight with the reduce-scatters
+        finish_replicated = all_reduce_grads(self.replicated, wait=False)  # queued after them (NCCL: same stream)
         if counter is not None:  # once per step, so the weights do not depend on WORLD_SIZE; runs during the
             counter.update(seen)  # communication above
         grads = self.muon.wait_reduce_scatter()
@@ -1223,15 +1119,13 @@ class Trainer:
         return copy.deepcopy((self.model.state_dict(), self.muon.state_dict(), self.adam.state_dict()))
 
     def restore(self, snap) -> None:
-        model_sd, muon_sd, adam_sd = snap
-        self.model.load_state_dict(model_sd)
-        self.muon.load_state_dict(muon_sd)
-        self.adam.load_state_dict(adam_sd)
-
+        for obj, sd in zip((self.model, self.muon, self.adam), snap):
+            obj.load_state_dict(sd)
 
 class WeightAverager:
     """EMA of every parameter each step; during the low-LR tail (LR multiplier < SWA_LR_THRESHOLD) a
-    snapshot every SWA_EVERY steps. Final = (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * mean(snapshots)."""
+    snapshot every SWA_EVERY steps. Final = (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * mean(snapshots).
+    EMA 0.997: PR #287; tight SWA (LR scale < 0.2, every 50 steps): PR #374; SWA on top of EMA: PR #401."""
 
     def __init__(self, model: GPT, hp: Hyperparameters):
         self.hp, self.params = hp, [p.detach() for p in model.parameters()]  # views: follow in-place updates
@@ -1258,7 +1152,6 @@ class WeightAverager:
             p.copy_(f)
         return f"ema_decay:{self.hp.ema_decay} swa_snapshots:{self.swa_count} swa_weight:{self.hp.swa_weight}"
 
-
 @torch.no_grad()
 def eval_val_loss(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist):
     """Quick validation for training progress: contiguous TRAIN_SEQ_LEN sequences (no sliding window)."""
@@ -1282,17 +1175,15 @@ def eval_val_loss(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hype
     nll, tokens, n_bytes = sums.tolist()
     return nll / tokens, bits_per_byte(nll, n_bytes)
 
-
 @dataclass
 class TrainResult:
     steps: int
     train_seconds: float
     export_estimate: float = 0.0  # what the stop rule reserved for calibration + export (0: step-based run)
 
-
 def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
-    """Compile every variant (plain and late-QAT) before the clock, then undo the warm-up's effect on
-    weights and optimizer state; the caller starts a fresh loader and fresh bigram counts."""
+    """Warm-up undone before the clock (the contest's baseline): compile every variant (plain and late-QAT),
+    then restore weights and optimizer state; the caller starts a fresh loader and fresh bigram counts."""
     hp = trainer.hp
     if hp.warmup_steps == 0:
         return
@@ -1308,12 +1199,10 @@ def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
     log(f"warmup_steps:{hp.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s "
         f"restored:weights,optimizer_state,loader,bigram_counts")
 
-
 class SharedClock:
-    """Training time agreed by every rank without a host sync per step. Each step posts this rank's clock
-    into an asynchronous max-all-reduce and reads the result posted one step earlier; on CUDA that read
-    waits only for the earlier step, so the GPU queue never drains. Decisions taken from `read()` are one
-    step late and identical on all ranks."""
+    """Training time agreed by every rank without a host sync per step: each step posts this rank's clock into
+    a max-all-reduce and reads the result posted one step earlier (on CUDA that waits only for the earlier
+    step, so the GPU queue never drains). Decisions taken from `read()` are one step late, identical on all ranks."""
 
     def __init__(self, d: Dist):
         self.d, self.pending = d, []
@@ -1340,7 +1229,6 @@ class SharedClock:
             t = t[0]
         return t.tolist()
 
-
 @dataclass
 class BudgetPlan:
     """When to stop: the predicted end of the run (training so far + the steps still to come before a stop
@@ -1356,9 +1244,7 @@ class BudgetPlan:
         """The training seconds the schedule (WSD, QAT start) is laid out over."""
         return max(1e-9, self.limit - self.export_estimate)
 
-
 EXPORT_SAFETY = 1.5  # measured export time x this (a loaded machine or bigger final weights): see BudgetPlan
-
 
 def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
     """Measure calibration + export on the current (initial) weights into a scratch folder, before the
@@ -1388,7 +1274,6 @@ def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
         raise GolfError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g} leaves no time to train: export is "
                         f"estimated at {plan.export_estimate:.1f}s (raise the budget or shrink the model)")
     return plan
-
 
 def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log: RunLog) -> TrainResult:
     hp, d = trainer.hp, trainer.d
@@ -1440,30 +1325,23 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     log(f"train_data: tokens_read:{tokens} train_tokens:{available} epochs:{tokens / max(1, available):.3f}")
     return TrainResult(step, train_s, plan.export_estimate if plan else 0.0)
 
-
 def check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise GolfError(f"train_loss is {loss} at step {step}: training diverged (lower the learning rates "
                         f"MATRIX_LR_ENCODER/MATRIX_LR_DECODER/EMBED_LR/SCALAR_LR or GRAD_CLIP_NORM)")
-
 
 def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat: bool, plan, log: RunLog) -> None:
     """`shared` is SharedClock's [seconds, last step's seconds, steps], one step behind `step`."""
     check_finite(loss, step)
     train_s, done = shared[0], max(1.0, shared[2])
     avg_ms = 1000 * train_s / done
-    if plan is not None:
-        eta = max(0.0, plan.train_share() - train_s)
-    else:
-        eta = avg_ms * (hp.iterations - step) / 1000
+    eta = max(0.0, plan.train_share() - train_s) if plan is not None else avg_ms * (hp.iterations - step) / 1000
     log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{train_s * 1000:.0f}ms "
         f"step_avg:{avg_ms:.2f}ms tok_s:{hp.train_batch_tokens * done / max(train_s, 1e-9):.0f} "
         f"lr_mult:{lr_mult:.3f} qat:{int(qat)} eta:{eta:.0f}s")
 
 
-# =====================================================================================================
-# Quantization and serialization
-# =====================================================================================================
+# ==================== Quantization and serialization =================================================
 # SPEC §4. Block matrices: full-Hessian GPTQ (Frantar et al. 2022, names follow IST-DASLab's gptq.py) with
 # H = mean x^T x of the matrix's inputs over calibration sequences of training data, taken inside the
 # training budget, at every width of QUANT_BITS in one sweep. Embedding tables: int8 per row. Tensors of
@@ -1477,8 +1355,7 @@ ARTIFACT_MAGIC = b"PGOLF\x06"
 ARTIFACT_VERSION = 2
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
 SMALL_TENSOR_NUMEL = 65536
-LZMA_PRESET = 9 | lzma.PRESET_EXTREME
-
+LZMA_PRESET = 9 | lzma.PRESET_EXTREME  # LZMA instead of zstd/zlib: PR #549 line of records
 
 def quantize_rtn(W: torch.Tensor, bits: int = 5, clip_levels: tuple = (1.0,)) -> tuple:
     """Per-row symmetric round-to-nearest on the `row_grid_scale` grid: (Q int8 in [-qmax, qmax], scale fp16)."""
@@ -1487,16 +1364,13 @@ def quantize_rtn(W: torch.Tensor, bits: int = 5, clip_levels: tuple = (1.0,)) ->
     Q = torch.clamp(torch.round(W.float() / scale), -qmax, qmax).to(torch.int8)
     return Q, scale.view(-1).half()
 
-
 def dequantize(Q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return Q.float() * scale.float().view(-1, 1)
-
 
 def hessian_weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Per-row tr-contribution (W - W_hat) H (W - W_hat)^T: the layer's output error on the inputs."""
     E = (W - W_hat).float()
     return ((E @ H.float()) * E).sum(dim=1)
-
 
 def _gptq_columns(WT: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qmax: torch.Tensor, block_size: int):
     """The GPTQ sweep over permuted columns with lazy batched updates, on W^T (C, R) so that a column is
@@ -1514,14 +1388,14 @@ def _gptq_columns(WT: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qma
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy update of the columns after this block
     return QT
 
-
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_size: int = 128,
                   percdamp: float = 0.01, clip_levels: tuple = (1.0,)) -> dict:
     """Full-Hessian GPTQ of W (R, C) given H (C, C) at every width in `bits`. Columns in descending diag(H)
     order; damping percdamp * mean(diag H); the upper Cholesky factor of H^-1. Every (width, clip level)
     runs in one sweep, stacked as extra rows with their own scale and qmax (GPTQ treats rows independently);
     per width, each row keeps the clip level whose Hessian-weighted error *after* GPTQ is smallest.
-    Returns {b: (Q int8 (R, C), scale fp16 (R,), error (R,))}."""
+    Returns {b: (Q int8 (R, C), scale fp16 (R,), error (R,))}. GPTQ: arXiv:2210.17323; full-Hessian int5 GPTQ
+    here: PR #850 (GPTQ baseline PR #414); the per-row clip search is PR #850's, chosen here after GPTQ."""
     W, H = W.float().clone(), H.float().clone()
     R, C = W.shape
     dead = torch.diag(H) == 0
@@ -1547,12 +1421,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_si
     return {b: (Q[j, best[j], rows].to(torch.int8), scales[j, best[j], rows].half(), err[j, best[j], rows])
             for j, b in enumerate(bits)}
 
-
 def _codes_per_byte(bits: int) -> int:
     """Widths that divide 8 (int4) are packed, the others stored one per byte: after LZMA, int4 packed two
     to a byte is 0.9% smaller, int5/int6 bit-packed 9%/6% larger (logs/bench_quant_embedded_cpu.txt)."""
     return 8 // bits if 8 % bits == 0 else 1
-
 
 def pack_codes(Q: torch.Tensor, bits: int) -> bytes:
     """Integers in [-qmax, qmax] as unsigned codes q + qmax, `_codes_per_byte` of them in a byte."""
@@ -1560,7 +1432,6 @@ def pack_codes(Q: torch.Tensor, bits: int) -> bytes:
     u = (Q.reshape(-1).to(torch.int16) + 2 ** (bits - 1) - 1).to(torch.uint8).cpu().numpy()
     u = np.concatenate([u, np.zeros(-u.size % per, dtype=np.uint8)]).reshape(-1, per)
     return np.bitwise_or.reduce(u << (bits * np.arange(per, dtype=np.uint8)), axis=1).astype(np.uint8).tobytes()
-
 
 def unpack_codes(data: bytes, n: int, bits: int) -> torch.Tensor:
     qmax, per = 2 ** (bits - 1) - 1, _codes_per_byte(bits)
@@ -1570,14 +1441,12 @@ def unpack_codes(data: bytes, n: int, bits: int) -> torch.Tensor:
         raise ValueError(f"{bits}-bit codes truncated or out of range")
     return torch.from_numpy(u.astype(np.int16) - qmax).to(torch.int8)
 
-
 def quantize_tensor(name: str, W: torch.Tensor) -> dict:
     """A tensor that is not a block matrix -> int8 rows (embeddings, large matrices) or fp16 (pure)."""
     if name in EMBEDDING_NAMES or (W.ndim == 2 and W.numel() > SMALL_TENSOR_NUMEL):
         Q, scale = quantize_rtn(W, 8)
         return dict(kind="int", bits=8, q=Q, scale=scale)
     return dict(kind="fp16", data=W.half())
-
 
 def encode_stream(entries: dict) -> tuple:
     """{name: entry} -> (metas, one xz stream of each tensor's codes and fp16 row scales, or fp16 values)."""
@@ -1588,7 +1457,6 @@ def encode_stream(entries: dict) -> tuple:
         raw += [pack_codes(t, e["bits"]), e["scale"].cpu().numpy().astype("<f2").tobytes()] if e["kind"] == "int" \
             else [t.cpu().numpy().astype("<f2").tobytes()]
     return metas, lzma.compress(b"".join(raw), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=LZMA_PRESET)
-
 
 def decode_stream(metas: list, data: bytes) -> dict:
     raw, ends, out = lzma.decompress(data), [0], {}
@@ -1602,14 +1470,12 @@ def decode_stream(metas: list, data: bytes) -> dict:
         raise ValueError(f"stream of {len(raw)} bytes, its tensors {ends[-1]}")
     return out
 
-
 def pack_artifact(header: dict, streams: list) -> bytes:
     """The container of (metas, stream) pairs; `header` holds the architecture and the hashes."""
     head = json.dumps({**header, "version": ARTIFACT_VERSION, "streams": [m for m, _ in streams]},
                       separators=(",", ":")).encode()
     return (ARTIFACT_MAGIC + struct.pack("<I", len(head)) + head
             + struct.pack(f"<{len(streams)}I", *(len(s) for _, s in streams)) + b"".join(s for _, s in streams))
-
 
 def parse_header(blob: bytes) -> tuple:
     if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
@@ -1620,7 +1486,6 @@ def parse_header(blob: bytes) -> tuple:
     if header["version"] != ARTIFACT_VERSION:
         raise ValueError(f"version {header['version']} != {ARTIFACT_VERSION}")
     return header, off + hlen
-
 
 def deserialize_artifact(blob: bytes) -> tuple:
     """Inverse of pack_artifact: (header, {name: float32 tensor}). Needs nothing but the bytes."""
@@ -1634,7 +1499,6 @@ def deserialize_artifact(blob: bytes) -> tuple:
         parts = pool.map(decode_stream, header["streams"], [blob[a:b] for a, b in zip(ends, ends[1:])])
         return header, {k: v for part in parts for k, v in part.items()}
 
-
 def _decode_file(path: Path, decode):
     try:
         return decode(Path(path).read_bytes())
@@ -1643,19 +1507,15 @@ def _decode_file(path: Path, decode):
     except (lzma.LZMAError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
         raise GolfError(f"artifact {path}: corrupt or not an artifact of this script ({e})") from None
 
-
 def read_artifact(path: Path) -> tuple:
     return _decode_file(path, deserialize_artifact)
-
 
 def artifact_header(path: Path) -> dict:
     """The artifact's JSON header (config, code_sha256, tokenizer_sha256, each tensor's kind, bits and shape)."""
     return _decode_file(path, lambda blob: parse_header(blob)[0])
 
-
 def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | None = None) -> GPT:
     """Rebuild the network from the artifact alone: every shape comes from its header (EVAL_ONLY included),
@@ -1681,17 +1541,12 @@ def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | 
             f"{header['code_sha256'][:16]} same_code:{header['code_sha256'] == file_sha256(__file__)}")
     return model
 
-
 @torch.no_grad()
 def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
     """H = mean x^T x of every block matrix's input over GPTQ_N_SAMPLES training sequences, identical on
     all ranks (each rank takes a share, then one all-reduce). q/k/v share one input, so one H."""
-    sources = {}
-    for i, block in enumerate(model.blocks):
-        p = f"blocks.{i}."
-        for slot, key in ((block.attn.c_q, "attn.c_q"), (block.attn.c_proj, "attn.c_proj"),
-                          (block.mlp.c_fc, "mlp.c_fc"), (block.mlp.c_proj, "mlp.c_proj")):
-            sources[p + key] = slot
+    sources = {f"blocks.{i}.{key}": block.get_submodule(key) for i, block in enumerate(model.blocks)
+               for key in ("attn.c_q", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     C = {name: W.size(1) for name, W in block_matrices(model).items()}
     H = {name: torch.zeros(C[name], C[name], device=d.device) for name in sources}
 
@@ -1723,7 +1578,6 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
             H[name[:-3] + "c_k"] = H[name[:-3] + "c_v"] = H[name]
     return H
 
-
 def assign_groups(shapes: dict, hessians: dict, world_size: int) -> list:
     """[(names, owner rank)]: the block matrices grouped by shared Hessian (q, k, v read one input: one
     Cholesky, one sweep), the groups spread over the ranks by their GPTQ cost rows * C^2, largest first."""
@@ -1738,7 +1592,6 @@ def assign_groups(shapes: dict, hessians: dict, world_size: int) -> list:
         load[owners[i]] += cost[i]
     return list(zip(groups, owners))
 
-
 def gather_to_main(obj, d: Dist) -> list | None:
     """[every rank's obj] on rank 0, None elsewhere (one process: [obj])."""
     if d.world_size == 1:
@@ -1746,7 +1599,6 @@ def gather_to_main(obj, d: Dist) -> list | None:
     out = [None] * d.world_size if d.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
-
 
 def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> dict | None:
     """Quantize the unbanked state dict `sd`; its block matrices are those with a Hessian. Every rank runs
@@ -1776,7 +1628,6 @@ def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> di
     rest = {k: quantize_tensor(k, W) for k, W in sd.items() if key[k] not in shapes}
     return dict(rest=encode_stream(rest), matrices={n: matrices[n] for n in shapes})
 
-
 def allocate_bits(sizes: dict, errors: dict, budget: int, base: int = BASE_BITS) -> tuple:
     """Each matrix's width so that sum(sizes[n][width]) <= budget, greedily from all-`base`, one width step
     at a time: while over, lower the matrix whose error rises least per byte saved; then, while a raise fits,
@@ -1801,7 +1652,6 @@ def allocate_bits(sizes: dict, errors: dict, budget: int, base: int = BASE_BITS)
         total += db
         moves.append((n, choice[n], w, total))
         choice[n] = w
-
 
 def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) -> int:
     """Choose the widths (`allocate_bits` on the measured stream sizes) so that the artifact is at most
@@ -1834,9 +1684,7 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
     return len(blob)
 
 
-# =====================================================================================================
-# Evaluation
-# =====================================================================================================
+# ==================== Evaluation =====================================================================
 # SPEC §5, the number that is reported. One left-to-right pass over the validation tokens in chunks of
 # TTT_CHUNK_TOKENS targets. For each chunk: (1) score every target once with a sliding window (length
 # EVAL_SEQ_LEN, stride EVAL_STRIDE; windows split across ranks) with the LoRA weights and temperature
@@ -1846,20 +1694,18 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
 # tested in tests/test_eval_validity.py.
 
 def make_windows(n_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
-    """Sliding windows over targets 1..n_tokens-1, each target scored exactly once: (K, 3) rows of
-    (input start, first scored target, last scored target). The first window scores its whole length,
-    later ones their last `stride` targets (the final one fewer), so each target sees >= seq_len - stride
-    tokens of context once the text is long enough."""
+    """Sliding windows (parameter-golf records, e.g. PR #65) over targets 1..n_tokens-1, each scored once:
+    (K, 3) rows of (input start, first scored target, last scored target). The first window scores its whole
+    length, later ones their last `stride`: a target sees >= seq_len - stride tokens of context once there are."""
     last = n_tokens - 1
     first_end = min(seq_len, last)
     ends = torch.cat([torch.arange(first_end, last, stride), torch.tensor([last])])
     lo = torch.cat([torch.tensor([1]), ends[:-1] + 1])
     return torch.stack([(ends - seq_len).clamp(min=0), lo, ends], dim=1)
 
-
 @dataclass
 class Scored:
-    """Per-target results of one rank for one chunk (all float64 except positions)."""
+    """Per-target results of one rank for one chunk (float64 except the int64 positions)."""
     pos: torch.Tensor        # (M,) target positions
     logp: torch.Tensor       # (M,) model log-probability of the target (after temperature)
     entropy: torch.Tensor    # (M,) model entropy in nats
@@ -1868,11 +1714,9 @@ class Scored:
     audit_pos: torch.Tensor  # (A,) audited target positions in this rank's share
     audit_rows: torch.Tensor  # (A, V) full model log-probabilities there
 
-
 def audit_positions(n_tokens: int, k: int) -> torch.Tensor:
     """K target positions spread evenly over the whole pass, chosen from positions only (never tokens)."""
     return torch.linspace(1, n_tokens - 1, min(k, n_tokens - 1)).round().long().unique() if k else torch.zeros(0).long()
-
 
 @torch.no_grad()
 def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Tensor, hp: Hyperparameters,
@@ -1908,7 +1752,6 @@ def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Te
     return Scored(*(cat(k, empty) for k in ("pos", "logp", "entropy", "dz", "var_z")),
                   cat("audit_pos", empty.long()), cat("audit_rows", empty.view(0, hp.vocab_size)))
 
-
 def add_run(runs: list, keys: torch.Tensor, counts: torch.Tensor) -> None:
     """Append sorted unique `keys` with `counts` as a run (keys, prefix sums of counts), merging
     log-structured: a run is merged into the previous one while that one is not at least twice its size."""
@@ -1920,7 +1763,6 @@ def add_run(runs: list, keys: torch.Tensor, counts: torch.Tensor) -> None:
         merged = torch.zeros_like(keys).index_add_(0, inv, torch.cat([c1.diff(), c2.diff()]))
         runs.append((keys, torch.cat([merged.new_zeros(1), merged.cumsum(0)])))
 
-
 def exact_counts(runs: list, keys: torch.Tensor) -> torch.Tensor:
     """Total count stored under each key (one exact-match binary search per run)."""
     total = torch.zeros_like(keys)
@@ -1929,7 +1771,6 @@ def exact_counts(runs: list, keys: torch.Tensor) -> torch.Tensor:
         total += torch.where(run_keys[i] == keys, cum[i + 1] - cum[i], 0)
     return total
 
-
 class NGramCache:
     """Exact counts of (context, next token) for orders NGRAM_EVAL_MIN_ORDER..NGRAM_EVAL_ORDER over
     tokens already scored, and per context the number of distinct next tokens (a second table: a pair adds
@@ -1937,7 +1778,10 @@ class NGramCache:
     n - 1 previous tokens | token (10 bits for V=1024), in one int64: all pairs of a context are contiguous
     in key order, so count(ctx) = sum_v count(ctx, v) by construction (a prefix-sum difference), even if
     two contexts collide in the hash. Each table is a few sorted runs (add_run): an update is one sort, a
-    look-up one binary search per run, vectorized over a chunk and all orders, on the GPU when there is one."""
+    look-up one binary search per run, vectorized over a chunk and all orders, on the GPU when there is one.
+    Lineage: order-2..9 backoff cache with entropy-adaptive per-order mixing: PR #809 (entropy centers: PR #798);
+    65K chunks: PR #840; integrated TTT + n-gram loop: PR #779.
+    Exact per-context counts (valid): this project, after the ruling on hashed caches (PR #779, PR #720)."""
 
     PRIME = 2 ** 31 - 1
     BASES = (1_000_003, 1_234_567_891)
@@ -2019,7 +1863,6 @@ class NGramCache:
     def memory_bytes(self) -> int:
         return sum(k.numel() * 8 + c.numel() * 8 for k, c in self.runs + self.distinct_runs)
 
-
 def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: torch.Tensor, beta: torch.Tensor,
                 smooth: bool) -> tuple:
     """Interpolated Witten-Bell over the orders (Witten & Bell 1991; Chen & Goodman 1998), bottoming out
@@ -2043,7 +1886,6 @@ def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: tor
         p = torch.where(C[k] > 0, (c[k] + kappa * p) / den, p)
         w_model = torch.where(C[k] > 0, w_model * kappa / den, w_model)
     return p.log(), 1 - w_model
-
 
 class LearnedMix:
     """Mixing parameters fitted online on targets already scored (C3: a chunk's values are fixed before it
@@ -2090,13 +1932,11 @@ class LearnedMix:
             lp = (lp0 + ds * dz - 0.5 * var * ds ** 2).clamp(max=0.0)  # log p at the new temperature
             loss = -witten_bell(lp, C, c, u, self.beta(ent), self.smooth)[0].sum()
             grad, = torch.autograd.grad(loss, self.theta)
-            total = all_reduce(torch.cat([grad, torch.tensor([float(lp0.numel())], device=grad.device,
-                                                               dtype=grad.dtype)]))
+            total = all_reduce(torch.cat([grad, grad.new_tensor([float(lp0.numel())])]))
             self.theta.grad = total[:-1] / total[-1].clamp(min=1)
             self.opt.step()
             with torch.no_grad():
                 self.theta.clamp_(-5.0, 5.0)
-
 
 def ngram_stats(cache: NGramCache | None, tokens: torch.Tensor, pos: torch.Tensor, tgt=None) -> tuple:
     """cache.stats, or empty (0, M) tensors (no orders) without a cache."""
@@ -2104,7 +1944,6 @@ def ngram_stats(cache: NGramCache | None, tokens: torch.Tensor, pos: torch.Tenso
         return cache.stats(tokens, pos, tgt)
     empty = torch.zeros(0, pos.numel(), dtype=torch.float64, device=tokens.device)
     return empty, empty if tgt is None else empty[..., None].expand(0, pos.numel(), tgt.size(1)), empty
-
 
 def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tensor, sc: Scored,
                 mixed: torch.Tensor) -> tuple:
@@ -2121,11 +1960,10 @@ def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tenso
     return torch.stack([torch.cat([(p.sum(1) - 1).abs(), zero]).max(), torch.cat([-p.flatten(), zero]).max(),
                         torch.cat([target_err, zero]).max(), mismatch]), p
 
-
 class TestTimeTrainer:
-    """LoRA TTT on the q and v projections of the last TTT_LAST_N blocks: after a chunk is scored,
-    TTT_STEPS AdamW steps on its byte-weighted CE (its sequences split across ranks, gradients averaged),
-    each followed by an update of the Polyak average that the next chunk is scored with."""
+    """LoRA TTT (PR #850; score-first: PR #461) on the q and v projections of the last TTT_LAST_N blocks: after
+    a chunk is scored, TTT_STEPS AdamW steps on its byte-weighted CE (PR #850; sequences split across ranks,
+    gradients averaged), each followed by an update of the Polyak average (PR #798) the next chunk is scored with."""
 
     def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
         self.model, self.hp, self.d = model, hp, d
@@ -2170,7 +2008,6 @@ class TestTimeTrainer:
         for lora in self.loras:
             lora.polyak_update(self.hp.ttt_polyak_decay)
 
-
 @dataclass
 class EvalResult:
     model_loss: float
@@ -2186,13 +2023,11 @@ class EvalResult:
     temperature: float = 1.0     # the temperature the last chunk was scored with
     roundtrip_bpb: float = math.nan  # the contiguous eval of the loaded artifact (integrated_eval)
 
-
 def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
              use_ngram: bool, use_ttt: bool, clock_start: float | None = None, label: str = "eval",
              dump_path: str = "") -> EvalResult:
-    """The single pass. With clock_start, stops loudly (GolfError) once EVAL_BUDGET_SECONDS
-    have passed since then: a partial score is never reported. With dump_path, saves per-target arrays
-    and the full mixed distributions at the audited targets."""
+    """The single pass. With clock_start and EVAL_BUDGET_STOP=1, stops (GolfError: a partial score is never
+    reported) once EVAL_BUDGET_SECONDS have passed. dump_path: per-target arrays and the audited distributions."""
     t0 = time.perf_counter()
     model.eval()
     tokens = val_tokens.to(d.device, dtype=torch.int64)
@@ -2259,7 +2094,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
                 f"{time.perf_counter() - clock_start:.1f}s > EVAL_BUDGET_SECONDS={hp.eval_budget_seconds}; "
                 f"the partial score is NOT a result and is not reported")
             raise GolfError(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} "
-                                     f"after chunk {c + 1}/{n_chunks}")
+                            f"after chunk {c + 1}/{n_chunks}")
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
@@ -2270,7 +2105,6 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
     return EvalResult(model_nll / n, bits_per_byte(model_nll, n_bytes), mixed_nll / n, bits_per_byte(mixed_nll, n_bytes),
                       int(n), int(n_bytes), time.perf_counter() - t0, audit.tolist(), dict(timer.seconds),
                       temperature=mixer.temperature)
-
 
 class PhaseTimer:
     """Wall time per eval phase (synchronized on CUDA so kernels are charged to their phase)."""
@@ -2286,7 +2120,6 @@ class PhaseTimer:
         sync(self.d)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
-
 def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_pos, p_audit) -> None:
     i = sc.pos - 1
     dump["model_nll"][i] = -sc.logp
@@ -2300,7 +2133,6 @@ def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_p
     dump["alpha"][i] = alpha
     dump["audit_p"][torch.searchsorted(audit_pos, sc.audit_pos)] = p_audit
 
-
 def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
     """Per-target arrays (index t-1 = target t) and audit_p, summed over ranks (targets are disjoint),
     saved by rank 0 with audit_pos."""
@@ -2310,9 +2142,7 @@ def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
         np.savez_compressed(path, **arrays)
 
 
-# =====================================================================================================
-# main
-# =====================================================================================================
+# ==================== main ===========================================================================
 # Orchestration only. Time accounting: the training budget (MAX_WALLCLOCK_SECONDS) covers the training
 # steps, GPTQ calibration and export; the evaluation budget (EVAL_BUDGET_SECONDS) runs from loading the
 # artifact to the final integrated number. Validation passes and the diagnostic round-trip eval are
@@ -2321,7 +2151,6 @@ def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
 SUBMISSION_NAME = "Valid complementary n-gram + int5 GPTQ + LoRA TTT"
 SUBMISSION_AUTHOR = "parameter-golf entry team"
 
-
 def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
     log(f"run_id:{run_id}")
     log("config: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
@@ -2329,7 +2158,6 @@ def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
         log(line)
     code = Path(__file__).read_text(encoding="utf-8")
     log("=" * 40 + " source: train_gpt.py " + "=" * 40 + "\n" + code + "\n" + "=" * 100, console=False)
-
 
 def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
     """Checkpoint, GPTQ calibration, quantization, serialization; the budget and size checks. The artifact
@@ -2380,11 +2208,9 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
     return dict(calibration_seconds=calib_s, export_seconds=export_s, artifact_bytes=int(artifact_bytes),
                 code_bytes=code_bytes, total_bytes=int(total), problems=problems)
 
-
 def log_final(label: str, loss: float, bpb: float, log: RunLog, extra: str = "") -> None:
     log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra}")
     log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-
 
 def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, val_tokens, luts,
                     prequant_bpb: float = math.nan) -> EvalResult:
@@ -2413,7 +2239,6 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     r.seconds, r.roundtrip_bpb = eval_s, rt_bpb
     return r
 
-
 def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, train: TrainResult, exp: dict,
                      prequant_bpb: float, final: EvalResult, problems: list) -> None:
     hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
@@ -2438,7 +2263,6 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
 
-
 def check_output_dir(out: Path, d: Dist) -> None:
     """Probe OUTPUT_DIR for writing now, so an unwritable folder fails before training, not at the first save."""
     probe = out / f".write_probe_rank{d.rank}"
@@ -2449,9 +2273,7 @@ def check_output_dir(out: Path, d: Dist) -> None:
     except OSError as e:
         raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
 
-
 RESULT_FILES = ("submission.json", "final_model.int5.xz", "final_model.pt")
-
 
 def move_aside_previous(out: Path, log: RunLog) -> None:
     """An earlier run's results go to OUTPUT_DIR/previous/<their time>/ (never deleted), so a run that fails
@@ -2464,13 +2286,11 @@ def move_aside_previous(out: Path, log: RunLog) -> None:
             os.replace(old, dest / name)
             log(f"moved_aside: {old} -> {dest / name}")
 
-
 def error_line(e: Exception) -> str:
     """One line naming what failed; an OS error names its path."""
     if isinstance(e, OSError) and not isinstance(e, GolfError):
         return f"{e.strerror or e}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
     return str(e)
-
 
 def log_summary(log: RunLog, status: dict) -> None:
     """The last lines of a run: what it produced, whether it is a valid record, and where everything is."""
@@ -2489,7 +2309,6 @@ def log_summary(log: RunLog, status: dict) -> None:
     out = status["out"]
     files = [f"log:{status['log']}"] + [f"{n}:{out / n}" for n in RESULT_FILES if (out / n).exists()]
     log("files: " + " ".join(files))
-
 
 def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, status: dict) -> None:
     log_header(hp, d, log, run_id)
@@ -2533,7 +2352,6 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
         write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, final, status["problems"])
         log(f"submission: {out / 'submission.json'} val_bpb:{final.mixed_bpb:.8f}")
 
-
 def main() -> None:
     hp = Hyperparameters.from_env(os.environ)
     d = init_distributed(hp.dist_timeout_seconds)
@@ -2550,7 +2368,6 @@ def main() -> None:
         raise
     finally:
         log_summary(log, status)
-
 
 if __name__ == "__main__":
     try:

@@ -19,7 +19,7 @@ import torch
 
 import train_gpt as tg
 from _runs import assert_ok
-from conftest import run_script, tiny_hp
+from conftest import TINY, run_script, tiny_hp
 
 V = 1024
 TEMP = 0.98
@@ -557,11 +557,12 @@ def eval_only_runs(artifact, corpus_env, tmp_path_factory):
 def test_eval_only_two_processes_match_one(eval_only_runs, val_tokens):
     """The windows of each chunk are split across 2 ranks and the TTT gradient is the all-reduced sum of
     the two ranks' shares of one byte-weighted mean. Only float summation order differs (float32 LoRA
-    gradients summed in another order, other GEMM batch shapes when scoring); the Polyak average moves
-    the scoring weights by only 0.002x each step, and the BPB sums are float64. Measured: per-target NLLs
-    differ by ~5e-9 and the 8-decimal BPB is identical. Tolerances: 1e-6 on the BPB and 1e-6 nats per
-    target, while any real difference (a target dropped or doubled, a rank scoring with other weights,
-    non-averaged TTT gradients) moves them by >= 1e-4."""
+    gradients summed in another order, other GEMM batch shapes when scoring). Before the first TTT step
+    (chunk 0) the weights are identical, so its targets agree to float rounding of the scoring GEMMs
+    (1e-6 nats). After it, TTT_STEPS=3 un-averaged AdamW steps per chunk (TTT_POLYAK_DECAY=0, the measured
+    default) carry the gradient's rounding into the weights: measured up to 2.4e-6 nats per target;
+    tolerance 2e-5 per target and 1e-6 on the float64 BPB, while any real difference (a target dropped or
+    doubled, a rank scoring with other weights, non-averaged TTT gradients) moves them by >= 1e-4."""
     (_, log1, d1), (_, log2, d2) = eval_only_runs[1], eval_only_runs[2]
     assert re.search(r"^hardware: .*world_size:2 ", log2, re.M) and re.search(r"^hardware: .*world_size:1 ", log1, re.M)
     b1, b2 = exact_bpb(log1), exact_bpb(log2)
@@ -571,8 +572,10 @@ def test_eval_only_two_processes_match_one(eval_only_runs, val_tokens):
         assert d["times_scored"].shape == (N - 1,) and (d["times_scored"] == 1).all()
     assert np.array_equal(d1["order"], d2["order"])  # n-gram orders depend on the tokens only
     assert np.array_equal(d1["bytes"], d2["bytes"])
-    np.testing.assert_allclose(d1["model_nll"], d2["model_nll"], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(d1["mixed_nll"], d2["mixed_nll"], rtol=0, atol=1e-6)
+    first = TINY["ttt_chunk_tokens"]  # targets 1..first: chunk 0, scored before any TTT step
+    for key, atol in (("model_nll", 1e-6), ("mixed_nll", 1e-6)):
+        np.testing.assert_allclose(d1[key][:first], d2[key][:first], rtol=0, atol=atol)
+        np.testing.assert_allclose(d1[key], d2[key], rtol=0, atol=2e-5)
     for log in (log1, log2):
         assert re.search(r"^ngram_audit: .* count_mismatches:0$", log, re.M)
     assert not (eval_only_runs[1][0] / "submission.json").exists()  # EVAL_ONLY reports, it does not submit
