@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 EXACT = re.compile(r"^(\w+)_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
 
@@ -28,3 +28,21 @@ def assert_ok(r, out: Path, nproc: int = 1) -> None:
     """The run exited 0 (also under torchrun with several gloo processes)."""
     if r.returncode != 0:
         raise AssertionError(f"exit {r.returncode} with {nproc} process(es)\n{r.stderr[-4000:]}")
+
+
+def run_bad(env: dict, out: Path) -> str:
+    """A bad input: non-zero exit, no traceback, no new submission, one last `error:` line, which also ends up
+    in the run log when there is one. Returns that line."""
+    out.mkdir(parents=True, exist_ok=True)
+    sub = out / "submission.json"
+    before = sub.read_bytes() if sub.exists() else None
+    r = run_script(env, out)
+    assert r.returncode != 0, "a bad input must fail"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), r.stderr[-3000:]
+    assert (sub.read_bytes() if sub.exists() else None) == before, "no submission written (an earlier one stays)"
+    log = out / "logs" / "test.txt"
+    if log.exists():
+        assert last in log.read_text(), "every error: line also goes into the run log"
+    return last

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from _runs import assert_ok, exact_numbers, log_lines
+from _runs import assert_ok, exact_numbers, log_lines, run_bad
 from conftest import ROOT, run_script
 
 TRAIN = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) ", re.M)
@@ -155,17 +155,6 @@ def test_two_process_teardown_leaves_no_gloo_threads(corpus_env, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # bad input -> clear message, non-zero exit, no submission.json
 # ------------------------------------------------------------------------------------------------
-
-def run_bad(env: dict, out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    r = run_script(env, out)
-    assert r.returncode != 0, "a bad input must fail"
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), r.stderr[-3000:]
-    assert not (out / "submission.json").exists()
-    return last
-
 
 def copy_data(corpus_env, dst: Path) -> Path:
     shutil.copytree(corpus_env["DATA_PATH"], dst)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from _runs import log_lines
+from _runs import log_lines, run_bad
 from conftest import ROOT, run_script, tiny_hp
 
 
@@ -19,20 +19,6 @@ def write_shard(path: Path, tokens) -> None:
     header = np.zeros(256, dtype="<i4")
     header[:3] = [tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens)]
     path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
-
-
-def run_bad(env: dict, out: Path) -> str:
-    """A bad input: non-zero exit, no traceback, one last `error:` line, which also ends up in the run log."""
-    out.mkdir(parents=True, exist_ok=True)
-    r = run_script(env, out)
-    assert r.returncode != 0, "a bad input must fail"
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), r.stderr[-3000:]
-    log = out / "logs" / "test.txt"
-    if log.exists():
-        assert last in log.read_text(), "every error: line also goes into the run log"
-    return last
 
 
 # -----------------------------------------------------------------------------------------------------
