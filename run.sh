@@ -5,6 +5,7 @@
 #   ./run.sh test            the test suite (what CI runs)
 #   ./run.sh gpu-check       one-command check of the CUDA path (CPU path at reduced size without CUDA)
 #   ./run.sh seeds 1337 42 2024 [--ref-mean M --ref-std S --ref-n N]   one run per seed + statistics
+#   ./run.sh verify ARTIFACT [--submission S] [--log L] [--tokens N]   prove an artifact's score valid
 # Settings are environment variables named as in train_gpt.py (SEED=42 ./run.sh, ...).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -21,8 +22,9 @@ fi
 
 gpus=$("$python_bin" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -eq 0 ]; then
-    # CPU runs: one thread per process unless told otherwise. torch's default (one per core) spins when another
-    # program holds a core: measured 73-79 s/step instead of 2.4 s/step on a 2-core machine with one core busy.
+    # CPU runs: one thread per process unless told otherwise, so another program holding a core cannot stall
+    # the run's threads (an earlier session saw 73-79 s/step with torch's default vs 2.4 s/step with one thread;
+    # with torch 2.13 here, logs/cpu_threads_steptime.txt: 2 threads 1.2x faster idle, 1.2x slower busy).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     echo "run.sh: CPU run with OMP_NUM_THREADS=$OMP_NUM_THREADS (set it to change)"
 fi
