@@ -25,7 +25,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import functools
 import glob
 import hashlib
 import json
@@ -121,9 +120,7 @@ class Hyperparameters:
     swa_lr_threshold: float = 0.2
     swa_weight: float = 0.3
     late_qat_frac: float = 0.85
-    attn_backend: str = "auto"            # speed switches (issue 13, bench_train.py): auto|fa3|fa4|cudnn|flash|...
-    attn_gqa_native: bool = True          # 0: copy K/V heads up to the query heads before attention (the old path)
-    bf16_residual: bool = True            # 0: keep the residual stream in float32 under autocast (the old path)
+    attn_backend: str = "auto"            # auto|fa3|cudnn|flash|efficient|math (configure_attention, bench_train.py)
     complement_alpha: float = 0.5
     val_loss_every: int = 4000            # 0 = only at the end
     val_batch_tokens: int = 524288
@@ -153,7 +150,6 @@ class Hyperparameters:
     ttt_lr: float = 0.03                  # chosen by logs/sweep_ttt_eval_20261126.txt (0.003, 0.01, 0.03)
     ttt_steps: int = 3                    # AdamW steps on each chunk after it is scored
     ttt_grad_clip: float = 1.0
-    ttt_polyak_decay: float = 0.0         # 0: score with the live adapters (0.998 was inert)
     ngram_enabled: bool = True
     ngram_eval_order: int = 9
     ngram_eval_min_order: int = 2
@@ -207,8 +203,7 @@ class Hyperparameters:
         for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum", "swa_weight",
                     "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
             need(getattr(self, var) <= 1, var.upper(), "must be in [0, 1]")
-        for var in ("ema_decay", "ttt_polyak_decay"):
-            need(getattr(self, var) < 1, var.upper(), "must be in [0, 1)")
+        need(self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
         for var in ("ve_last_n", "xsa_last_n", "ttt_last_n"):
             need(getattr(self, var) <= self.num_layers, var.upper(), "must be <= NUM_LAYERS")
         for var in ("eval_budget_seconds", "ttt_temperature"):
@@ -225,8 +220,7 @@ class Hyperparameters:
         need(self.max_wallclock_seconds == 0 or self.export_reserve_seconds < self.max_wallclock_seconds,
              "EXPORT_RESERVE_SECONDS", "must be smaller than MAX_WALLCLOCK_SECONDS")
         need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
-        need(self.attn_backend in ("auto", "fa3", "fa4") + SDPA_ORDER, "ATTN_BACKEND",
-             f"must be auto, fa3, fa4 or one of {SDPA_ORDER}")
+        need(self.attn_backend in ("auto", "fa3") + SDPA_ORDER, "ATTN_BACKEND", f"must be auto, fa3 or one of {SDPA_ORDER}")
         need(self.val_batch_tokens >= self.train_seq_len, "VAL_BATCH_TOKENS", "must hold one sequence")
         levels, widths = (_parse_list(fn) for fn in (self.clip_levels, self.bit_widths))
         need(1.0 in levels and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
@@ -555,14 +549,12 @@ def fake_quant_int5(W: torch.Tensor, clip_levels: tuple = (1.0,)) -> torch.Tenso
     Wq = torch.clamp(torch.round(W.detach().float() / scale), -qmax, qmax) * scale
     return Wq.to(W.dtype) + (W - W.detach())  # value exactly Wq; gradient exactly identity
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa_native: bool = True) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim: the
     FlashAttention kernel picked by `configure_attention` on CUDA, else PyTorch SDPA with native GQA (each
-    KV head serves its query heads without being copied; gqa_native=False copies them, the old path)."""
+    KV head serves its query heads without being copied: 1% faster than copying them, H200)."""
     if _flash_kernel is not None and q.is_cuda:
         return _flash_kernel(q.bfloat16(), k.bfloat16(), v.bfloat16()).to(q.dtype)
-    if not gqa_native:
-        k, v = (t.repeat_interleave(q.size(2) // t.size(2), dim=2) for t in (k, v))
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
@@ -571,87 +563,51 @@ _flash_kernel = None  # a FlashAttention kernel (q, k, v) -> out in (B, T, heads
 SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # SDPA's backends, fastest first on H100
 _SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
-def flash_custom_op(name: str, fwd, bwd):
-    """A FlashAttention kernel pair as a torch.library custom op with autograd, so that compile(fullgraph)
-    keeps it as one opaque node (FA4's own autograd.Function does not compile: flash-attention#2013).
-    fwd(q, k, v) -> (out, lse (B, H, T) fp32); bwd(q, k, v, out, dout, lse) -> (dq, dk, dv); causal."""
-    @torch.library.custom_op(f"golf::{name}", mutates_args=())
-    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(t.contiguous() for t in fwd(q, k, v))
-
-    @torch.library.custom_op(f"golf::{name}_bwd", mutates_args=())
-    def attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                 lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(g.contiguous() for g in bwd(q, k, v, out, dout.contiguous(), lse))
-
-    attn.register_fake(lambda q, k, v: (q.new_empty(q.shape), q.new_empty(q.size(0), q.size(2), q.size(1)).float()))
-    attn_bwd.register_fake(lambda q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)))
-    attn.register_autograd(lambda ctx, dout, _: attn_bwd(*ctx.saved_tensors[:4], dout, ctx.saved_tensors[4]),
-                           setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
-    return lambda q, k, v: attn(q, k, v)[0]
-
-@functools.cache
-def _fa4_kernel():
-    from flash_attn.cute import interface as fa4  # optional: pip install --pre flash-attn-4
-    return flash_custom_op("fa4", lambda q, k, v: fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True),
-                           lambda q, k, v, o, do, lse: fa4._flash_attn_bwd(q, k, v, o, do, lse, causal=True))
-
-def _fa3_kernel():
-    return lambda q, k, v: (lambda out: out[0] if isinstance(out, tuple) else out)(_fa3_func(q, k, v, causal=True))
+def _fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = _fa3_func(q, k, v, causal=True)
+    return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
 
 def configure_attention(hp: Hyperparameters, d: Dist) -> str:
     """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3 if
-    installed, else FA4, else SDPA with its backend order set to cuDNN > flash > efficient > math (torch 2.9
+    installed, else SDPA with its backend order set to cuDNN > flash > efficient > math (torch 2.9
     tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3); ATTN_BACKEND forces one. For SDPA
     the name is its own choice for the training shapes (`_fused_sdp_choice`, what its dispatch calls)."""
     global _flash_kernel
     want, dtype, _flash_kernel = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, None
     q = torch.randn(1, hp.train_seq_len, hp.num_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
     kv = torch.randn(1, hp.train_seq_len, hp.num_kv_heads, hp.head_dim, device=d.device, dtype=dtype)
-    for name, make in (("fa3", _fa3_kernel), ("fa4", _fa4_kernel)):
-        if d.is_cuda and want in ("auto", name):
-            try:
-                kernel = make()
-                kernel(q, kv, kv).sum().backward()  # raises if not installed or unable to run these shapes
-                _flash_kernel = kernel
-                return name
-            except Exception as e:  # noqa: BLE001  any failure of an optional kernel means: not this one
-                if want == name:
-                    raise GolfError(f"ATTN_BACKEND={name}: cannot run here ({type(e).__name__}: {e})") from None
+    if d.is_cuda and want in ("auto", "fa3") and _fa3_func is not None:
+        try:
+            _fa3_attention(q, kv, kv).sum().backward()  # raises if unable to run these shapes
+            _flash_kernel = _fa3_attention
+            return "fa3"
+        except Exception as e:  # noqa: BLE001  any failure of an optional kernel means: not this one
+            if want == "fa3":
+                raise GolfError(f"ATTN_BACKEND=fa3: cannot run here ({type(e).__name__}: {e})") from None
+    if want == "fa3":
+        raise GolfError("ATTN_BACKEND=fa3: FlashAttention-3 (flash_attn_interface) is not installed or there is no GPU")
     order = [int(getattr(SDPBackend, _SDPA_ENUM[b])) for b in SDPA_ORDER]
     if d.is_cuda:
         for b, flag in zip(SDPA_ORDER, ("cudnn", "flash", "mem_efficient", "math")):
             getattr(torch.backends.cuda, f"enable_{flag}_sdp")(want in ("auto", b))
         if hasattr(torch._C, "_set_sdp_priority_order"):  # torch >= 2.6 (without it SDPA tries flash first)
             torch._C._set_sdp_priority_order(order + [b for b in torch._C._get_sdp_priority_order() if b not in order])
-    if not hp.attn_gqa_native:
-        kv = kv.repeat_interleave(hp.num_heads // hp.num_kv_heads, dim=2)
     choice = torch._fused_sdp_choice(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), is_causal=True,
                                      enable_gqa=q.size(2) != kv.size(2))
     if choice not in order:
         raise GolfError(f"ATTN_BACKEND={want}: no attention kernel can run the training shapes here")
-    return f"sdpa_{SDPA_ORDER[order.index(choice)]}" + ("" if hp.attn_gqa_native else "_expanded_kv")
+    return f"sdpa_{SDPA_ORDER[order.index(choice)]}"
 
 class LoRA(nn.Module):
-    """Rank-r adapter y += (x A^T) B^T for test-time training. A ~ N(0, 1/in), B = 0, so it starts as a
-    no-op. `A_avg`, `B_avg` hold the Polyak average used for scoring."""
+    """Rank-r adapter y += (x A^T) B^T for test-time training. A ~ N(0, 1/in), B = 0, so it starts as a no-op."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, generator: torch.Generator):
         super().__init__()
         self.A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features))
         self.B = nn.Parameter(torch.zeros(out_features, rank))
-        self.register_buffer("A_avg", self.A.detach().clone())
-        self.register_buffer("B_avg", self.B.detach().clone())
-        self.use_average = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = (self.A_avg, self.B_avg) if self.use_average else (self.A, self.B)
-        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
-
-    @torch.no_grad()
-    def polyak_update(self, decay: float) -> None:
-        self.A_avg.lerp_(self.A, 1.0 - decay)
-        self.B_avg.lerp_(self.B, 1.0 - decay)
+        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
 
 class MatrixSlot(nn.Module):
     """y = x W^T for a bank matrix W passed in by the caller (+ an optional LoRA adapter)."""
@@ -687,7 +643,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         L = hp.num_layers
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        self.gqa_native = hp.attn_gqa_native
         self.c_q, self.c_k, self.c_v, self.c_proj = MatrixSlot(), MatrixSlot(), MatrixSlot(), MatrixSlot()
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))  # the contest's baseline
@@ -717,7 +672,7 @@ class CausalSelfAttention(nn.Module):
             v = lam[0] * v0 + lam[1] * v
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.gqa_native)  # (B, T, H, D)
+        y = causal_attention(q, k, v)  # (B, T, H, D)
         if self.use_xsa:  # remove each head's component along its own position's (normalized) value; query
             y = y.unflatten(2, (self.num_kv_heads, -1))  # heads grouped by KV head: no copies of v (PR #549 line)
             vn = F.normalize(v, dim=-1).unsqueeze(3)  # (B, T, Hkv, 1, D)
@@ -836,9 +791,9 @@ class GPT(nn.Module):
         if qat:
             banks = {name: fake_quant_int5(W, self.hp.clip_levels()) for name, W in banks.items()}
         x = self.tok_emb(idx) if self.bigram is None else self.tok_emb(idx) + self.bigram(idx)
-        dev = idx.device.type  # under autocast the residual stream is bf16 too (BF16_RESIDUAL): it halves the
-        # memory-bound half of the step (issue 13); weights, optimizer state, norms' reductions, loss stay fp32
-        x = x.to(torch.get_autocast_dtype(dev) if self.hp.bf16_residual and torch.is_autocast_enabled(dev) else x.dtype)
+        dev = idx.device.type  # under autocast the residual stream is bf16 too: it halves the memory-bound half of
+        # the step (83.6 -> 77.6 ms, H200); weights, optimizer state, norms' reductions and the loss stay fp32
+        x = x.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
         x = rms_norm(x) if self.smear is None else self.smear(rms_norm(x))
         x0, v0, skips = x, None, []
         ve = self.ve(idx) if self.ve is not None else None
@@ -1963,7 +1918,8 @@ def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tenso
 class TestTimeTrainer:
     """LoRA TTT (PR #850; score-first: PR #461) on the q and v projections of the last TTT_LAST_N blocks: after
     a chunk is scored, TTT_STEPS AdamW steps on its byte-weighted CE (PR #850; sequences split across ranks,
-    gradients averaged), each followed by an update of the Polyak average (PR #798) the next chunk is scored with."""
+    gradients averaged); the next chunk is scored with the live adapters (#850's Polyak average, PR #798, was
+    inert here: logs/sweep_ttt_eval_20261126.txt)."""
 
     def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
         self.model, self.hp, self.d = model, hp, d
@@ -1990,14 +1946,10 @@ class TestTimeTrainer:
         total_w = w.sum()  # the whole chunk's bytes: every rank knows them, no communication
         mine = slice(n_seqs * d.rank // d.world_size, n_seqs * (d.rank + 1) // d.world_size)
         if mine.start < mine.stop:
-            for lora in self.loras:
-                lora.use_average = False
             with autocast(d):
                 logits = self.model.logits(self.model.hidden(x[mine]))
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y[mine].reshape(-1), reduction="none")
             ((ce.double() * w[mine].reshape(-1)).sum() / total_w).backward()
-            for lora in self.loras:
-                lora.use_average = True
         else:  # more ranks than sequences: this rank contributes zero to the summed gradient
             for p in self.params:
                 p.grad = torch.zeros_like(p)
@@ -2005,8 +1957,6 @@ class TestTimeTrainer:
         torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        for lora in self.loras:
-            lora.polyak_update(self.hp.ttt_polyak_decay)
 
 @dataclass
 class EvalResult:
@@ -2249,7 +2199,7 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
         bytes_total=exp["total_bytes"], bytes_code=exp["code_bytes"],
         blurb=("NOT A VALID RECORD (see non_compliance). " if problems else "") + (f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, int5 GPTQ + LZMA; single-pass eval mixing an "
                f"exact normalized n-gram cache (orders {hp.ngram_eval_min_order}-{hp.ngram_eval_order}) with "
-               f"{'Polyak LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}."),
+               f"{'LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}."),
         compliant=not problems, non_compliance=problems, seed=hp.seed, run_id=run_id, log=f"logs/{run_id}.txt", data=hp.data_label, hardware=hardware,
         world_size=d.world_size, steps=train.steps, train_seconds=round(train.train_seconds, 2),
         calibration_seconds=round(exp["calibration_seconds"], 2), export_seconds=round(exp["export_seconds"], 2),
@@ -2336,7 +2286,7 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
     step_fn = torch.compile(model, dynamic=False, fullgraph=attention != "fa3") if d.is_cuda else model
     log(f"model: params:{sum(p.numel() for p in model.parameters())} layers:{hp.num_layers} dim:{hp.model_dim} "
         f"encoder_layers:{hp.num_encoder_layers} xsa_layers:{hp.xsa_last_n} ve_layers:{hp.ve_last_n} "
-        f"attention:{attention} bf16_residual:{hp.bf16_residual and d.is_cuda} compiled:{d.is_cuda}")
+        f"attention:{attention} bf16_residual:{d.is_cuda} compiled:{d.is_cuda}")
     log(f"optimizer: parallel_muon banks:{','.join(f'{n}{tuple(getattr(model, n).shape)}' for n in BANKS)} "
         f"world_size:{d.world_size} grad_accum:{8 // d.world_size} adamw_params:{sum(p.numel() for p in replicated)} "
         f"complement_alpha:{hp.complement_alpha} late_qat_frac:{hp.late_qat_frac}")

@@ -1,7 +1,7 @@
 """Training step time of the submitted configuration, and of each speed change of issue 13 switched off.
 
     python3 benchmarks/bench_train.py                     # every variant below, one subprocess each
-    python3 benchmarks/bench_train.py --variants tree,fp32_residual --steps 10 --budget 300
+    python3 benchmarks/bench_train.py --variants tree,sdpa_flash --steps 10 --budget 300
     python3 benchmarks/bench_train.py --only tree         # one variant in this process (what the above runs)
 
 On CUDA: the real configuration (11 x 512; 48 x 2048 tokens per micro-step = what each of 8 GPUs runs
@@ -15,8 +15,6 @@ peak memory, host syncs per optimizer step (CUDA: torch.cuda.set_sync_debug_mode
 Trainer.step + EMA update), the attention kernel configure_attention chose, and compile time. Variants
 are the settings train_gpt.py reads (so the same switches work on a real run):
     tree            as committed
-    fp32_residual   BF16_RESIDUAL=0      residual stream in float32 under autocast (the old path)
-    expanded_kv     ATTN_GQA_NATIVE=0    K/V heads copied up to the query heads before attention (old path)
     sdpa_flash      ATTN_BACKEND=flash   SDPA's FA2 backend forced (torch 2.9's own default on H100)
     sdpa_cudnn      ATTN_BACKEND=cudnn   SDPA's cuDNN backend forced
     late_qat        the late-QAT forward (fake-quantized banks), as in the last 15% of training
@@ -38,9 +36,8 @@ import train_gpt as tg  # noqa: E402
 
 CPU_CONFIG = dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, bigram_vocab_size=1024,
                   bigram_dim=64, ve_dim=64, xsa_last_n=2, train_seq_len=256, train_batch_tokens=8 * 4 * 256)
-VARIANTS = {"tree": {}, "fp32_residual": {"BF16_RESIDUAL": "0"}, "expanded_kv": {"ATTN_GQA_NATIVE": "0"},
-            "sdpa_flash": {"ATTN_BACKEND": "flash"}, "sdpa_cudnn": {"ATTN_BACKEND": "cudnn"}, "late_qat": {}}
-SWITCHES = ("BF16_RESIDUAL", "ATTN_GQA_NATIVE", "ATTN_BACKEND")
+VARIANTS = {"tree": {}, "sdpa_flash": {"ATTN_BACKEND": "flash"}, "sdpa_cudnn": {"ATTN_BACKEND": "cudnn"}, "late_qat": {}}
+SWITCHES = ("ATTN_BACKEND",)
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM: the MFU denominator
 ATTENTION_KERNEL_WORDS = ("sdpa", "flash", "fmha", "attention", "attn")
 

@@ -372,9 +372,9 @@ def test_c3_cache_holds_exactly_earlier_chunks_when_scoring(stream, luts, monkey
 
 
 def test_c3_lora_used_for_chunk_depends_only_on_earlier_chunks(stream, luts, monkeypatch):
-    """Record the Polyak-averaged LoRA weights each chunk is scored with. Altering the tokens of chunks
+    """Record the LoRA weights each chunk is scored with. Altering the tokens of chunks
     >= c leaves the weights used for chunks 0..c bit-identical (they were learned from chunks < c only);
-    chunk 0 is scored with B_avg == 0; and the alteration does show up in the weights of chunk c+1."""
+    chunk 0 is scored with B == 0; and the alteration does show up in the weights of chunk c+1."""
     hp = tiny_hp()
     C, c_alt = hp.ttt_chunk_tokens, 3
     original = tg.score_windows
@@ -382,8 +382,8 @@ def test_c3_lora_used_for_chunk_depends_only_on_earlier_chunks(stream, luts, mon
     def record(store):
         def wrapper(model, hidden_fn, tokens, windows, hp_, temperature, d, audit_pos):
             ls = loras(model)
-            assert ls and all(l.use_average for l in ls)
-            store.append([(l.A_avg.clone(), l.B_avg.clone()) for l in ls])
+            assert ls
+            store.append([(l.A.detach().clone(), l.B.detach().clone()) for l in ls])
             return original(model, hidden_fn, tokens, windows, hp_, temperature, d, audit_pos)
         return wrapper
 
@@ -559,10 +559,10 @@ def test_eval_only_two_processes_match_one(eval_only_runs, val_tokens):
     the two ranks' shares of one byte-weighted mean. Only float summation order differs (float32 LoRA
     gradients summed in another order, other GEMM batch shapes when scoring). Before the first TTT step
     (chunk 0) the weights are identical, so its targets agree to float rounding of the scoring GEMMs
-    (1e-6 nats). After it, TTT_STEPS=3 un-averaged AdamW steps per chunk (TTT_POLYAK_DECAY=0, the measured
-    default) carry the gradient's rounding into the weights: measured up to 2.4e-6 nats per target;
-    tolerance 2e-5 per target and 1e-6 on the float64 BPB, while any real difference (a target dropped or
-    doubled, a rank scoring with other weights, non-averaged TTT gradients) moves them by >= 1e-4."""
+    (1e-6 nats). After it, TTT_STEPS=3 AdamW steps per chunk carry the gradient's rounding into the
+    weights: measured up to 2.4e-6 nats per target; tolerance 2e-5 per target and 1e-6 on the float64 BPB,
+    while any real difference (a target dropped or doubled, a rank scoring with other weights, non-averaged
+    TTT gradients) moves them by >= 1e-4."""
     (_, log1, d1), (_, log2, d2) = eval_only_runs[1], eval_only_runs[2]
     assert re.search(r"^hardware: .*world_size:2 ", log2, re.M) and re.search(r"^hardware: .*world_size:1 ", log1, re.M)
     b1, b2 = exact_bpb(log1), exact_bpb(log2)

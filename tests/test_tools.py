@@ -20,18 +20,18 @@ def test_gpu_check_cpu_path(tmp_path):
     """Without CUDA it says so, runs every step at a reduced size and exits 0 with a summary table."""
     out = tmp_path / "gpu_check.txt"
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--steps", "1", "--variants",
-                        "tree,expanded_kv", "--eval-tokens", "8192", "--log", str(out)], capture_output=True, text=True,
+                        "tree,sdpa_flash", "--eval-tokens", "8192", "--log", str(out)], capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "no CUDA device here" in text and "REDUCED size" in text
-    for row in ("attention kernel chosen", "attention fwd+bwd, one layer", "train tree", "train expanded_kv",
+    for row in ("attention kernel chosen", "attention fwd+bwd, one layer", "train tree", "train sdpa_flash",
                 "GPTQ all matrices", "width allocation + write", "eval phase score", "eval phase ngram",
                 "eval phase ttt", "n-gram audit", "projected eval", "gpu-check wall time"):
         assert re.search(rf"^{re.escape(row)}", text, re.M), row
     assert "FAILED" not in text and "SKIPPED" not in text
     assert re.search(r"^train tree .*attention sdpa_\w+, .*recompiles 0,", text, re.M)
-    assert re.search(r"^train expanded_kv .*attention sdpa_\w+_expanded_kv, ", text, re.M)
+    assert re.search(r"^train sdpa_flash .*attention sdpa_\w+, ", text, re.M)
 
 
 def t_sf_by_integration(t: float, df: float) -> float:

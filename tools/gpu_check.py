@@ -5,7 +5,7 @@ only if its usual time is left), with synthetic or embedded-corpus tokens (no do
   1. attention: the kernel configure_attention picks, and every SDPA backend's forward + backward time on
      one layer of the real micro-batch (48 x 2048, GQA 8/4 x 64, bf16), native GQA and with K/V copied;
   2. training (benchmarks/bench_train.py, one process per variant): the submitted configuration as
-     committed, then each speed change switched off (fp32 residual, expanded K/V, FA2 forced, late QAT)
+     committed, then SDPA backends forced (FA2, cuDNN) and the late-QAT forward
      while the budget lasts: ms/step, tokens/s, MFU, peak memory, host syncs per step, attention kernels;
   3. export: Hessian calibration, GPTQ of every real-size matrix and LZMA serialization, timed;
   4. evaluation (only with --eval on CUDA: ~90 s): the integrated pass on >= 4M tokens, projected to 8 GPUs.
@@ -76,7 +76,7 @@ def check_attention(d: tg.Dist, hp: tg.Hyperparameters, rep: Report) -> None:
     v = torch.randn_like(k, requires_grad=True)
     chosen = tg.configure_attention(hp, d)
     results = {f"shim({chosen})": time_attention(d, q, k, v, True, None)}
-    flash, tg._flash_kernel = tg._flash_kernel, None  # time SDPA's backends even when FA3/FA4 was chosen
+    flash, tg._flash_kernel = tg._flash_kernel, None  # time SDPA's backends even when FA3 was chosen
     try:
         for name in ("cudnn", "flash", "efficient") + (() if d.is_cuda else ("math",)):
             for native in (True, False):
@@ -100,7 +100,8 @@ def time_attention(d: tg.Dist, q, k, v, native: bool, backend) -> str:
                 if i == 1:
                     tg.sync(d)
                     t0 = time.perf_counter()
-                tg.causal_attention(q, k, v, native).float().sum().backward()
+                kk, vv = (k, v) if native else (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+                tg.causal_attention(q, kk, vv).float().sum().backward()
             tg.sync(d)
         return f"{(time.perf_counter() - t0) / 5 * 1000:.2f}ms"
     except RuntimeError as e:
