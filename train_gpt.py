@@ -139,7 +139,6 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_seqs: int = 32
     eval_budget_seconds: float = 600.0
-    eval_budget_stop: bool = False        # 1: stop the pass at the budget (no score); 0: finish it, mark it non-compliant
     eval_dump_path: str = ""              # .npz of per-target arrays for audits
     eval_learned_mix: bool = True         # fit the n-gram escape weights and temperature on scored chunks
     ttt_enabled: bool = True
@@ -153,7 +152,6 @@ class Hyperparameters:
     ngram_enabled: bool = True
     ngram_eval_order: int = 9
     ngram_eval_min_order: int = 2
-    ngram_smooth: bool = True             # interpolate all orders (Witten-Bell); 0: highest seen order only
     ngram_audit_positions: int = 64
 
     @classmethod
@@ -307,10 +305,6 @@ def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any: keeps stop decisions identical across ranks."""
-    return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
-
 def sync(d: Dist) -> None:
     if d.is_cuda:
         torch.cuda.synchronize(d.device)
@@ -332,14 +326,6 @@ class RunLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(msg + "\n")
 
-def describe_environment(d: Dist) -> list[str]:
-    import sentencepiece
-    gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
-    return [f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-            f"sentencepiece:{sentencepiece.__version__} fa3:{_fa3_func is not None}",
-            f"hardware: device:{d.device.type} gpu:{gpu.replace(' ', '_')} world_size:{d.world_size} "
-            f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}"]
-
 
 # ==================== Data and BPB accounting ========================================================
 # Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is
@@ -357,10 +343,9 @@ def check_shard(path: Path) -> int:
     if size < SHARD_HEADER_INTS * 4:
         raise GolfError(f"shard {path}: {size} bytes is shorter than the {SHARD_HEADER_INTS * 4}-byte header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise GolfError(f"shard {path}: magic {header[0]} != {SHARD_MAGIC} (not a token shard)")
-    if header[1] != SHARD_VERSION:
-        raise GolfError(f"shard {path}: version {header[1]} != {SHARD_VERSION}")
+    if (header[0], header[1]) != (SHARD_MAGIC, SHARD_VERSION):
+        raise GolfError(f"shard {path}: magic, version {header[0]}, {header[1]} != {SHARD_MAGIC}, {SHARD_VERSION} "
+                        f"(not a token shard of this format)")
     n = int(header[2])
     if size != SHARD_HEADER_INTS * 4 + 2 * n:
         raise GolfError(f"shard {path}: header says {n} tokens ({SHARD_HEADER_INTS * 4 + 2 * n} bytes) "
@@ -1208,7 +1193,8 @@ def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
     if hp.max_wallclock_seconds <= 0:
         return None
     scratch = Path(hp.output_dir) / f".export_probe_{os.getpid()}"
-    scratch.mkdir(exist_ok=True)
+    if d.is_main:  # only rank 0 writes (the checkpoint and the artifact)
+        scratch.mkdir(exist_ok=True)
     try:
         t0 = time.perf_counter()
         export(trainer.model, hp, d, RunLog(None), scratch, TrainResult(0, 0.0))
@@ -1276,8 +1262,6 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
         log(f"budget_prediction: stop:{stop_reason} step:{step}/{hp.iterations} train_time:{train_s:.1f}s "
             f"step_estimate:{shared[1]:.2f}s export_estimate:{plan.export_estimate:.1f}s "
             f"predicted_total:{train_s + plan.export_estimate:.1f}s limit:{plan.limit:g}s")
-    tokens, available = step * hp.train_batch_tokens, sum(check_shard(p) for p in shard_files(hp.data_path, "train"))
-    log(f"train_data: tokens_read:{tokens} train_tokens:{available} epochs:{tokens / max(1, available):.3f}")
     return TrainResult(step, train_s, plan.export_estimate if plan else 0.0)
 
 def check_finite(loss: float, step: int) -> None:
@@ -1788,10 +1772,6 @@ class NGramCache:
         """count(ctx, v) for pair keys ctx | v."""
         return self._in_key_order(lambda k: exact_counts(self.runs, k), key)
 
-    def counts(self, ctx: torch.Tensor, tgt: torch.Tensor) -> tuple:
-        """(count(ctx), count(ctx, tgt)) for context keys `ctx` and token ids `tgt` of the same shape."""
-        return self.context_counts(ctx), self.pair_counts(ctx | tgt)
-
     def stats(self, tokens: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor | None = None) -> tuple:
         """float64 (count(ctx), count(ctx, v), distinct(ctx)) for every order (highest first) at the target
         positions `pos`: shapes (K, M), (K, M) with v = tokens[pos] or (K, M, V') for tgt of shape (M, V'),
@@ -1818,21 +1798,16 @@ class NGramCache:
     def memory_bytes(self) -> int:
         return sum(k.numel() * 8 + c.numel() * 8 for k, c in self.runs + self.distinct_runs)
 
-def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: torch.Tensor, beta: torch.Tensor,
-                smooth: bool) -> tuple:
+def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: torch.Tensor, beta: torch.Tensor) -> tuple:
     """Interpolated Witten-Bell over the orders (Witten & Bell 1991; Chen & Goodman 1998), bottoming out
     in the model: p_n(v) = (c_n(v) + k_n p_{n-1}(v)) / (C_n + k_n), k_n = beta_n * distinct_n, from the
     lowest order up; p_n = p_{n-1} where the context was never seen. Each step is a convex mix of a count
     distribution and a distribution, so sum_v p(v) = 1 by construction, and an unseen target keeps
-    k_n / (C_n + k_n) of its lower-order probability. smooth=False: only the highest seen order is
-    blended with the model (no lower-order chain). Shapes: lp_model (M,) or (M, V); C, u, beta (K, M) or
+    k_n / (C_n + k_n) of its lower-order probability (mixing only the highest seen order with the model,
+    PR #809's backoff, scored 0.02-0.07 BPB worse: logs/ablate_eval_20261126.txt). Shapes: lp_model (M,) or (M, V); C, u, beta (K, M) or
     broadcastable to c (K, M[, V]), orders highest first. Returns (log p, the weight not on the model)."""
     if c.dim() > C.dim():  # whole rows: one context per row, all tokens
         C, u, beta = C[..., None], u[..., None], beta[..., None]
-    if not smooth:
-        seen = C > 0
-        top = seen & (seen.long().cumsum(0) == 1)  # the highest order with a seen context
-        C, c, u = C * top, c * top, u * top
     p = lp_model.exp()
     w_model = torch.ones_like(p)
     for k in reversed(range(C.size(0))):
@@ -1853,7 +1828,7 @@ class LearnedMix:
     BIN_WIDTH, BINS, FIT_EVERY, FIT_WINDOW, FIT_STEPS, LR = 1.0, 4, 8, 16, 8, 0.05
 
     def __init__(self, n_orders: int, hp: Hyperparameters, d: Dist):
-        self.K, self.learn, self.smooth, self.d = n_orders, hp.eval_learned_mix, hp.ngram_smooth, d
+        self.K, self.learn, self.d = n_orders, hp.eval_learned_mix, d
         self.theta = torch.zeros(n_orders * self.BINS + 1, dtype=torch.float64, device=d.device)
         self.theta[-1] = -math.log(hp.ttt_temperature)
         self.theta.requires_grad_(self.learn)
@@ -1871,7 +1846,7 @@ class LearnedMix:
 
     def mix(self, lp_model: torch.Tensor, entropy: torch.Tensor, C, c, u) -> tuple:
         with torch.no_grad():
-            return witten_bell(lp_model, C, c, u, self.beta(entropy), self.smooth)
+            return witten_bell(lp_model, C, c, u, self.beta(entropy))
 
     def observe(self, sc: Scored, C, c, u) -> None:
         """Add a chunk that has been scored to the history and refit (no-op when EVAL_LEARNED_MIX=0)."""
@@ -1885,7 +1860,7 @@ class LearnedMix:
         for _ in range(self.FIT_STEPS):
             ds = self.theta[-1].exp() - s0
             lp = (lp0 + ds * dz - 0.5 * var * ds ** 2).clamp(max=0.0)  # log p at the new temperature
-            loss = -witten_bell(lp, C, c, u, self.beta(ent), self.smooth)[0].sum()
+            loss = -witten_bell(lp, C, c, u, self.beta(ent))[0].sum()
             grad, = torch.autograd.grad(loss, self.theta)
             total = all_reduce(torch.cat([grad, grad.new_tensor([float(lp0.numel())])]))
             self.theta.grad = total[:-1] / total[-1].clamp(min=1)
@@ -1974,10 +1949,8 @@ class EvalResult:
     roundtrip_bpb: float = math.nan  # the contiguous eval of the loaded artifact (integrated_eval)
 
 def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperparameters, d: Dist, log: RunLog,
-             use_ngram: bool, use_ttt: bool, clock_start: float | None = None, label: str = "eval",
-             dump_path: str = "") -> EvalResult:
-    """The single pass. With clock_start and EVAL_BUDGET_STOP=1, stops (GolfError: a partial score is never
-    reported) once EVAL_BUDGET_SECONDS have passed. dump_path: per-target arrays and the audited distributions."""
+             use_ngram: bool, use_ttt: bool, label: str = "eval", dump_path: str = "") -> EvalResult:
+    """The single pass. dump_path: per-target arrays and the audited distributions (.npz)."""
     t0 = time.perf_counter()
     model.eval()
     tokens = val_tokens.to(d.device, dtype=torch.int64)
@@ -2038,13 +2011,6 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             log(f"{label}_progress chunk:{c + 1}/{n_chunks} elapsed:{now - t0:.1f}s eta:{(n_chunks - c - 1) / rate:.1f}s "
                 f"running_model_bpb:{bits_per_byte(sums[0].item(), sums[2].item()):.4f} "
                 f"running_mixed_bpb:{bits_per_byte(sums[1].item(), sums[2].item()):.4f}{mem}")
-        if clock_start is not None and hp.eval_budget_stop and \
-                any_rank(time.perf_counter() - clock_start > hp.eval_budget_seconds, d.device):
-            log(f"{label}_budget_exceeded: stopped after chunk {c + 1}/{n_chunks} at "
-                f"{time.perf_counter() - clock_start:.1f}s > EVAL_BUDGET_SECONDS={hp.eval_budget_seconds}; "
-                f"the partial score is NOT a result and is not reported")
-            raise GolfError(f"evaluation exceeded EVAL_BUDGET_SECONDS={hp.eval_budget_seconds} "
-                            f"after chunk {c + 1}/{n_chunks}")
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
@@ -2102,10 +2068,14 @@ SUBMISSION_NAME = "Valid complementary n-gram + int5 GPTQ + LoRA TTT"
 SUBMISSION_AUTHOR = "parameter-golf entry team"
 
 def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
+    import sentencepiece
+    gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
     log(f"run_id:{run_id}")
     log("config: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
-    for line in describe_environment(d):
-        log(line)
+    log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+        f"sentencepiece:{sentencepiece.__version__} fa3:{_fa3_func is not None}")
+    log(f"hardware: device:{d.device.type} gpu:{gpu.replace(' ', '_')} world_size:{d.world_size} "
+        f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}")
     code = Path(__file__).read_text(encoding="utf-8")
     log("=" * 40 + " source: train_gpt.py " + "=" * 40 + "\n" + code + "\n" + "=" * 100, console=False)
 
@@ -2172,12 +2142,12 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     log_final("final_int5_roundtrip_contiguous", rt_loss, rt_bpb, log,
               "" if math.isnan(prequant_bpb) else f" quant_gap_bpb:{rt_bpb - prequant_bpb:.4f}")
     r = evaluate(model, val_tokens, luts, hp, d, log, use_ngram=hp.ngram_enabled, use_ttt=hp.ttt_enabled,
-                 clock_start=clock, label="integrated", dump_path=hp.eval_dump_path)
+                 label="integrated", dump_path=hp.eval_dump_path)
     eval_s = time.perf_counter() - clock
     log(f"ngram_audit: max_abs_sum_minus_1:{r.audit[0]:.3e} min_p_clamped:{-r.audit[1]:.3e} "
         f"max_target_logp_err:{r.audit[2]:.3e} count_mismatches:{int(r.audit[3])}")
     log(f"integrated_parts: model_only_bpb:{r.model_bpb:.4f} ngram_gain_bpb:{r.model_bpb - r.mixed_bpb:.4f} "
-        f"ngram:{'on' if hp.ngram_enabled else 'off'} smooth:{int(hp.ngram_smooth)} learned_mix:{int(hp.eval_learned_mix)} "
+        f"ngram:{'on' if hp.ngram_enabled else 'off'} learned_mix:{int(hp.eval_learned_mix)} "
         f"ttt:{'on' if hp.ttt_enabled else 'off'} ttt_steps:{hp.ttt_steps} final_temperature:{r.temperature:.4f} "
         f"targets:{r.n_targets} bytes:{r.n_bytes}")
     log(f"eval_budget: from_first_artifact_load:{eval_s:.1f}s limit:{hp.eval_budget_seconds:.0f}s")
@@ -2193,22 +2163,22 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
                      prequant_bpb: float, final: EvalResult, problems: list) -> None:
     hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
         f"{d.world_size}x CPU process ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    blurb = (f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, int5 GPTQ + LZMA; single-pass eval mixing an exact "
+             f"normalized n-gram cache (orders {hp.ngram_eval_min_order}-{hp.ngram_eval_order}) with "
+             f"{'LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}.")
+    r = lambda x: round(x, 8)  # noqa: E731
     record = dict(
         name=SUBMISSION_NAME, author=SUBMISSION_AUTHOR, github_id="", date=datetime.date.today().isoformat(),
-        val_bpb=round(final.mixed_bpb, 8), val_loss=round(final.mixed_loss, 8),
-        bytes_total=exp["total_bytes"], bytes_code=exp["code_bytes"],
-        blurb=("NOT A VALID RECORD (see non_compliance). " if problems else "") + (f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, int5 GPTQ + LZMA; single-pass eval mixing an "
-               f"exact normalized n-gram cache (orders {hp.ngram_eval_min_order}-{hp.ngram_eval_order}) with "
-               f"{'LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}."),
-        compliant=not problems, non_compliance=problems, seed=hp.seed, run_id=run_id, log=f"logs/{run_id}.txt", data=hp.data_label, hardware=hardware,
-        world_size=d.world_size, steps=train.steps, train_seconds=round(train.train_seconds, 2),
-        calibration_seconds=round(exp["calibration_seconds"], 2), export_seconds=round(exp["export_seconds"], 2),
-        eval_seconds=round(final.seconds, 2),
-        components=dict(prequant_val_bpb_contiguous=round(prequant_bpb, 8), quant_gap_bpb_contiguous=round(final.roundtrip_bpb - prequant_bpb, 8),
-                        int5_roundtrip_contiguous_val_bpb=round(final.roundtrip_bpb, 8),
-                        model_only_bpb=round(final.model_bpb, 8), integrated_bpb=round(final.mixed_bpb, 8),
-                        ngram_gain_bpb=round(final.model_bpb - final.mixed_bpb, 8), ttt_enabled=hp.ttt_enabled,
-                        artifact_bytes=exp["artifact_bytes"]))
+        val_bpb=r(final.mixed_bpb), val_loss=r(final.mixed_loss), bytes_total=exp["total_bytes"],
+        bytes_code=exp["code_bytes"], blurb=("NOT A VALID RECORD (see non_compliance). " if problems else "") + blurb,
+        compliant=not problems, non_compliance=problems, seed=hp.seed, run_id=run_id, log=f"logs/{run_id}.txt",
+        data=hp.data_label, hardware=hardware, world_size=d.world_size, steps=train.steps,
+        train_seconds=round(train.train_seconds, 2), calibration_seconds=round(exp["calibration_seconds"], 2),
+        export_seconds=round(exp["export_seconds"], 2), eval_seconds=round(final.seconds, 2),
+        components=dict(prequant_val_bpb_contiguous=r(prequant_bpb), quant_gap_bpb_contiguous=r(final.roundtrip_bpb - prequant_bpb),
+                        int5_roundtrip_contiguous_val_bpb=r(final.roundtrip_bpb), model_only_bpb=r(final.model_bpb),
+                        integrated_bpb=r(final.mixed_bpb), ngram_gain_bpb=r(final.model_bpb - final.mixed_bpb),
+                        ttt_enabled=hp.ttt_enabled, artifact_bytes=exp["artifact_bytes"]))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
@@ -2292,6 +2262,8 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
         f"complement_alpha:{hp.complement_alpha} late_qat_frac:{hp.late_qat_frac}")
     trainer = Trainer(hp, d, model, step_fn, muon, adam, replicated)
     train = train_model(trainer, val_tokens, luts, log)
+    tokens_read = train.steps * hp.train_batch_tokens
+    log(f"train_data: tokens_read:{tokens_read} train_tokens:{n_train} epochs:{tokens_read / max(1, n_train):.3f}")
     prequant_loss, prequant_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
     log(f"final_weights val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} (EMA/SWA, before quantization)")
     exp = export(model, hp, d, log, out, train)

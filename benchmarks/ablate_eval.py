@@ -23,7 +23,6 @@ ROWS = [  # (name, settings) ; "old" rows run the old code
     ("- n-gram cache", {"NGRAM_ENABLED": "0"}),
     ("- TTT", {"TTT_ENABLED": "0"}),
     ("- learned mixing/temperature", {"EVAL_LEARNED_MIX": "0"}),
-    ("- smoothing (highest order only)", {"NGRAM_SMOOTH": "0"}),
     ("plain round trip", {"NGRAM_ENABLED": "0", "TTT_ENABLED": "0", "EVAL_LEARNED_MIX": "0", "TTT_TEMPERATURE": "1"}),
     ("old code, its defaults", {"old": "1"}),
 ]

@@ -71,15 +71,14 @@ def ref_counters(tokens: list, positions, orders=range(2, 10), distinct=False):
     return (pair, ctx, nxt) if distinct else (pair, ctx)
 
 
-def ref_witten_bell(tokens: list, p: int, history, lp_model: torch.Tensor, beta: dict, smooth=True, orders=range(2, 10)):
+def ref_witten_bell(tokens: list, p: int, history, lp_model: torch.Tensor, beta: dict, orders=range(2, 10)):
     """The full interpolated Witten-Bell distribution at target position p from dictionaries over the
     target positions `history`: p_n(v) = (c_n(v) + b_n u_n p_{n-1}(v)) / (C_n + b_n u_n), lowest order
-    first, starting from the model; an unseen context leaves p unchanged. smooth=False: only the highest
-    seen order. Returns (V,) float64."""
+    first, starting from the model; an unseen context leaves p unchanged. Returns (V,) float64."""
     pair, ctx, nxt = ref_counters(tokens, history, orders, distinct=True)
     seen = [n for n in orders if p - (n - 1) >= 0 and ctx[n][tuple(tokens[p - n + 1:p])] > 0]
     dist = lp_model.exp().clone()
-    for n in (seen if smooth else seen[-1:]):
+    for n in seen:
         h = tuple(tokens[p - n + 1:p])
         counts = torch.zeros(V, dtype=torch.float64)
         for v in nxt[n][h]:
@@ -99,9 +98,8 @@ def cache_lookup(cache, tokens: torch.Tensor, pos: torch.Tensor, order: int, tgt
     ctx, valid = keys[k], valid[k]
     tgt = tokens[pos] if tgt is None else tgt
     if tgt.dim() == 2:
-        cc, pc = cache.counts(ctx[:, None].expand_as(tgt).contiguous(), tgt.contiguous())
-        return cc[:, 0], pc, valid
-    return (*cache.counts(ctx, tgt), valid)
+        return cache.context_counts(ctx), cache.pair_counts(ctx[:, None] | tgt), valid
+    return cache.context_counts(ctx), cache.pair_counts(ctx | tgt), valid
 
 
 def cache_runs(cache) -> list:
@@ -232,8 +230,7 @@ def test_c2_full_mixed_distribution_is_normalized(stream, luts, monkeypatch):
     assert mismatches == 0
 
 
-@pytest.mark.parametrize("smooth", [True, False])
-def test_witten_bell_equals_dictionary_reference(smooth):
+def test_witten_bell_equals_dictionary_reference():
     """cache.stats over the whole vocabulary + tg.witten_bell with random escape weights and a random model
     distribution equal the dictionary reference at every position of a small-alphabet text (many
     repeated contexts), sum to 1, and the target-only path gives the same entry."""
@@ -246,13 +243,13 @@ def test_witten_bell_equals_dictionary_reference(smooth):
     pos = torch.arange(700, 760)
     lp = torch.log_softmax(3 * torch.randn(pos.numel(), V, generator=gen, dtype=torch.float64), -1)
     beta = torch.rand(len(cache.orders), pos.numel(), generator=gen, dtype=torch.float64) * 3 + 0.1
-    full, alpha = tg.witten_bell(lp, *cache.stats(toks_t, pos, torch.arange(V).expand(pos.numel(), V)), beta, smooth)
-    tgt, _ = tg.witten_bell(lp.gather(1, toks_t[pos][:, None])[:, 0], *cache.stats(toks_t, pos), beta, smooth)
+    full, alpha = tg.witten_bell(lp, *cache.stats(toks_t, pos, torch.arange(V).expand(pos.numel(), V)), beta)
+    tgt, _ = tg.witten_bell(lp.gather(1, toks_t[pos][:, None])[:, 0], *cache.stats(toks_t, pos), beta)
     assert torch.allclose(full.exp().sum(1), torch.ones(pos.numel(), dtype=torch.float64), atol=1e-12, rtol=0)
     assert torch.allclose(full.gather(1, toks_t[pos][:, None])[:, 0], tgt, atol=1e-12, rtol=0)
     assert bool((alpha > 0).all()) and bool((alpha < 1).all())
     for j, p in enumerate(pos.tolist()):
-        ref = ref_witten_bell(toks, p, range(1, 700), lp[j], dict(zip(cache.orders, beta[:, j].tolist())), smooth)
+        ref = ref_witten_bell(toks, p, range(1, 700), lp[j], dict(zip(cache.orders, beta[:, j].tolist())))
         assert torch.allclose(full[j].exp(), ref, atol=1e-12, rtol=0), p
 
 
@@ -579,18 +576,6 @@ def test_eval_only_two_processes_match_one(eval_only_runs, val_tokens):
     for log in (log1, log2):
         assert re.search(r"^ngram_audit: .* count_mismatches:0$", log, re.M)
     assert not (eval_only_runs[1][0] / "submission.json").exists()  # EVAL_ONLY reports, it does not submit
-
-
-def test_eval_budget_guard(artifact, corpus_env, tmp_path):
-    r = run_script({**corpus_env, "EVAL_ONLY": str(artifact), "EVAL_BUDGET_SECONDS": "0.001",
-                    "EVAL_BUDGET_STOP": "1"}, tmp_path)
-    assert r.returncode != 0
-    log = (tmp_path / "logs" / "test.txt").read_text()
-    # (the log also holds the script's source, so match whole log lines)
-    assert re.search(r"^integrated_budget_exceeded: .*NOT a result", log, re.M)
-    assert "EVAL_BUDGET_SECONDS" in r.stderr
-    assert not re.search(r"^final_integrated", log, re.M) and "final_integrated" not in r.stdout
-    assert not (tmp_path / "submission.json").exists()
 
 
 def test_eval_budget_overrun_finishes_and_is_marked(artifact, corpus_env, tmp_path):

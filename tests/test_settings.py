@@ -29,7 +29,7 @@ def test_parse_types():
         "NUM_LAYERS": "9", "TRAIN_BATCH_TOKENS": "524_288", "ARTIFACT_SIZE_CAP": "15_999_999",
         "SEED": "-7", "MATRIX_LR_ENCODER": "0.0125", "ADAM_EPS": "1e-9", "MAX_WALLCLOCK_SECONDS": "300",
         "TTT_ENABLED": "0", "RUN_ID": "my_run", "DATA_PATH": "/data/x", "GPTQ_CLIP_LEVELS": "1.0,0.9",
-        "NGRAM_EVAL_ORDER": "4", "NGRAM_SMOOTH": "0", "TTT_STEPS": "3",
+        "NGRAM_EVAL_ORDER": "4", "TTT_STEPS": "3",
     })
     assert hp.num_layers == 9 and isinstance(hp.num_layers, int)
     assert hp.train_batch_tokens == 524288 and hp.artifact_size_cap == 15_999_999
@@ -40,7 +40,7 @@ def test_parse_types():
     assert hp.ttt_enabled is False
     assert hp.run_id == "my_run" and hp.data_path == "/data/x"
     assert hp.clip_levels() == (1.0, 0.9)
-    assert hp.ngram_eval_order == 4 and hp.ngram_smooth is False and hp.ttt_steps == 3
+    assert hp.ngram_eval_order == 4 and hp.ttt_steps == 3
 
 
 @pytest.mark.parametrize("text,value", [("0", False), ("1", True), ("true", True), ("false", False),
