@@ -327,6 +327,15 @@ class RunLog:
             f.write(msg + "\n")
 
 
+def describe_environment(d: Dist) -> list[str]:
+    import sentencepiece
+    gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
+    return [f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+            f"sentencepiece:{sentencepiece.__version__} fa3:{_fa3_func is not None}",
+            f"hardware: device:{d.device.type} gpu:{gpu.replace(' ', '_')} world_size:{d.world_size} "
+            f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}"]
+
+
 # ==================== Data and BPB accounting ========================================================
 # Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is
 # BOS (id 1) followed by its tokens. Every rank reads the same deterministic stream and takes its own
@@ -1792,9 +1801,6 @@ class NGramCache:
         add_run(self.runs, keys, counts)
         add_run(self.distinct_runs, ctx, n_new)
 
-    def entries(self) -> int:
-        return sum(k.numel() for k, _ in self.runs + self.distinct_runs)
-
     def memory_bytes(self) -> int:
         return sum(k.numel() * 8 + c.numel() * 8 for k, c in self.runs + self.distinct_runs)
 
@@ -2000,17 +2006,15 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             with timer("ttt"):
                 for _ in range(hp.ttt_steps):
                     ttt.step(tokens, lo, hi, luts)
-        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(chunk_sums[0].item(), chunk_sums[2].item()):.4f} "
-            f"mixed_bpb:{bits_per_byte(chunk_sums[1].item(), chunk_sums[2].item()):.4f} temperature:{mixer.temperature:.4f}",
-            console=False)
         now = time.perf_counter()
-        if now - last_log > 20 or c == n_chunks - 1:
+        console = now - last_log > 20 or c == n_chunks - 1  # every chunk goes to the file, one per 20 s to the console
+        if console:
             last_log = now
-            rate = (c + 1) / (now - t0)
-            mem = f" ngram_entries:{cache.entries()} ngram_mem:{cache.memory_bytes() / 2**20:.1f}MiB" if cache else ""
-            log(f"{label}_progress chunk:{c + 1}/{n_chunks} elapsed:{now - t0:.1f}s eta:{(n_chunks - c - 1) / rate:.1f}s "
-                f"running_model_bpb:{bits_per_byte(sums[0].item(), sums[2].item()):.4f} "
-                f"running_mixed_bpb:{bits_per_byte(sums[1].item(), sums[2].item()):.4f}{mem}")
+        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(chunk_sums[0].item(), chunk_sums[2].item()):.4f} "
+            f"mixed_bpb:{bits_per_byte(chunk_sums[1].item(), chunk_sums[2].item()):.4f} temperature:{mixer.temperature:.4f} "
+            f"running_mixed_bpb:{bits_per_byte(sums[1].item(), sums[2].item()):.4f} elapsed:{now - t0:.1f}s "
+            f"eta:{(n_chunks - c - 1) * (now - t0) / (c + 1):.1f}s ngram_mem:{cache.memory_bytes() / 2**20 if cache else 0:.1f}MiB",
+            console=console)
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
@@ -2068,14 +2072,10 @@ SUBMISSION_NAME = "Valid complementary n-gram + int5 GPTQ + LoRA TTT"
 SUBMISSION_AUTHOR = "parameter-golf entry team"
 
 def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
-    import sentencepiece
-    gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
     log(f"run_id:{run_id}")
     log("config: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
-    log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"sentencepiece:{sentencepiece.__version__} fa3:{_fa3_func is not None}")
-    log(f"hardware: device:{d.device.type} gpu:{gpu.replace(' ', '_')} world_size:{d.world_size} "
-        f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}")
+    for line in describe_environment(d):
+        log(line)
     code = Path(__file__).read_text(encoding="utf-8")
     log("=" * 40 + " source: train_gpt.py " + "=" * 40 + "\n" + code + "\n" + "=" * 100, console=False)
 

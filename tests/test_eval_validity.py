@@ -359,7 +359,7 @@ def test_c3_cache_holds_exactly_earlier_chunks_when_scoring(stream, luts, monkey
             assert pc == [pair[n][(tuple(toks[p - n + 1:p]), toks[p])] for p in p_ok.tolist()], (c, n)
             assert cc == [ctx[n][tuple(toks[p - n + 1:p])] for p in p_ok.tolist()], (c, n)
         if c == 0:
-            assert cache.entries() == 0
+            assert cache.memory_bytes() == 0
         seen_chunks.append(c)
         return original(cache, tokens, pos)
 

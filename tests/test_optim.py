@@ -603,8 +603,10 @@ def test_training_step_reads_nothing_back_from_the_device(corpus, monkeypatch):
         averager.update(step, 0.1)  # lr_mult < SWA_LR_THRESHOLD: the SWA branch runs too
     assert averager.swa_count >= 1
     assert calls == [] and loss.dim() == 0
-    tg.any_rank(True, torch.device("cpu"))  # a read made by train_gpt.py (as on a logging step) is caught
-    assert calls and calls[0].startswith("item in any_rank")
+    clock = tg.SharedClock(trainer.d)  # the loop's one read per step, a step late, outside Trainer.step: caught
+    clock.post([1.0])
+    clock.post([2.0])
+    assert clock.read() == [1.0] and calls and calls[0].startswith("tolist in read")
 
 
 def test_step_path_source_has_no_host_reads():

@@ -12,7 +12,7 @@ the same tokens:
   cut     every token from a cut point on replaced by a fixed-point-free permutation of the vocabulary;
   target  one target's token replaced by a token never seen after its context.
 and one table of checks, exiting 1 if any fails:
-  size            artifact + code bytes <= 16,000,000
+  size            artifact + code bytes <= 16,000,000 and <= the run's ARTIFACT_SIZE_CAP (from --log's config)
   code hash       the artifact header's code_sha256 (tg.artifact_header) is the sha256 of the verified script
   log source      the source embedded in the log is the verified script (with --log)
   score           the base run's final_integrated_exact val_bpb equals the log's / submission.json's
@@ -184,9 +184,11 @@ def first_diff(a: dict, b: dict, upto: int) -> str | None:
     return None
 
 
-def check_size(artifact: Path, script: Path) -> tuple:
+def check_size(artifact: Path, script: Path, run_cap: int) -> tuple:
+    """Against the contest's cap and the run's own ARTIFACT_SIZE_CAP (from --log's config when given)."""
     a, c = artifact.stat().st_size, script.stat().st_size
-    return (PASS if a + c <= CAP_BYTES else FAIL), f"artifact {a} + code {c} = {a + c} (cap {CAP_BYTES})"
+    cap = min(CAP_BYTES, run_cap)
+    return (PASS if a + c <= cap else FAIL), f"artifact {a} + code {c} = {a + c} (cap {CAP_BYTES}, the run's {run_cap})"
 
 
 def check_code_hash(mod, artifact: Path, script: Path) -> tuple:
@@ -380,7 +382,7 @@ def verify(args, environ) -> tuple:
     scope = f"PREFIX: the first {n} of {n_all} validation tokens (not the full score)" if prefix else \
         f"all {n} validation tokens"
     claims = claimed_scores(log_path, submission)
-    rows = [("size", *check_size(artifact, script)), ("code hash", *check_code_hash(mod, artifact, script)),
+    rows = [("size", *check_size(artifact, script, hp.artifact_size_cap)), ("code hash", *check_code_hash(mod, artifact, script)),
             ("log source", *check_log_source(log_path, script))]
     with tempfile.TemporaryDirectory(prefix="verify_") as tmp:
         work = Path(tmp)
