@@ -35,9 +35,9 @@ done
 
 embedded_settings() {
     # The small-but-complete configuration for a CPU (every component on). 6x128, 16,384-token steps of
-    # 1.2-1.9 s on 2 cores (measured, the slower with other work on the machine): the 310 s of training
-    # read 2.6-4.1M tokens, 0.8-1.2 epochs of the ~3.4M-token train split (fewer with a busy core: the
-    # budget is wall clock), so the run measures learning, not memorization. About 7 minutes in all.
+    # 2.7 s on one thread (logs/run_20261126_023252.txt, idle machine): the ~320 s of training read 1.9M
+    # tokens, 0.55 epochs of the ~3.4M-token train split (fewer with a busy core: the budget is wall
+    # clock), so the run measures learning, not memorization. About 7 minutes in all.
     export DATA_PATH=data/embedded/datasets/fineweb10B_sp1024
     export TOKENIZER_PATH=data/embedded/tokenizers/fineweb_1024_bpe.model
     export DATA_LABEL="${DATA_LABEL:-embedded_docstring_corpus}"

@@ -407,8 +407,8 @@ def test_c3_lora_used_for_chunk_depends_only_on_earlier_chunks(stream, luts, mon
 
 def test_c3_learned_mix_never_uses_the_chunk_it_scores(stream, luts, monkeypatch):
     """Record the mixing parameters (escape weights, temperature) each chunk is mixed with. Altering the
-    tokens of chunks >= c leaves those of chunks 0..c bit-identical; chunk 0 uses the neutral start (beta
-    = 1, TTT_TEMPERATURE); the parameters do move, and the alteration shows up from chunk c+1."""
+    tokens of chunks >= c leaves those of chunks 0..c bit-identical; chunk 0 uses the fixed start (beta
+    = BETA_INIT, TTT_TEMPERATURE); the parameters do move, and the alteration shows up from chunk c+1."""
     hp = tiny_hp()
     C, c_alt = hp.ttt_chunk_tokens, 3
     original = tg.LearnedMix.mix
@@ -430,7 +430,8 @@ def test_c3_learned_mix_never_uses_the_chunk_it_scores(stream, luts, monkeypatch
     monkeypatch.setattr(tg.LearnedMix, "mix", record(alt))
     run_eval(hp, changed, luts)
     assert len(base) == len(alt) == 6
-    assert bool((base[0][:-1] == 0).all()) and abs(math.exp(-float(base[0][-1])) - TEMP) < 1e-12
+    assert bool((base[0][:-1] == math.log(tg.LearnedMix.BETA_INIT)).all())
+    assert abs(math.exp(-float(base[0][-1])) - TEMP) < 1e-12
     assert all(not torch.equal(base[c], base[c + 1]) for c in range(5))
     for c in range(c_alt + 1):
         assert torch.equal(base[c], alt[c]), f"mixing parameters of chunk {c} saw later tokens"
