@@ -326,7 +326,6 @@ class RunLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(msg + "\n")
 
-
 def describe_environment(d: Dist) -> list[str]:
     import sentencepiece
     gpu = torch.cuda.get_device_name(d.device) if d.is_cuda else "none"
@@ -385,8 +384,7 @@ def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
     scan = lambda i: float(np.memmap(files[i], dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4,
                                      shape=(counts[i],)).max()) if counts[i] else -1.0
     with ThreadPoolExecutor(max(1, min(8, len(mine)))) as pool:
-        for i, m in zip(mine, pool.map(scan, mine)):
-            top[i] = m
+        top[mine] = torch.tensor(list(pool.map(scan, mine)), dtype=torch.float64)
     top = all_reduce(top.to(d.device), "max").cpu()
     for path, m in zip(files, top.tolist()):
         if m >= vocab_size:
@@ -635,7 +633,6 @@ class Rotary(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
-        L = hp.num_layers
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, hp.head_dim
         self.c_q, self.c_k, self.c_v, self.c_proj = MatrixSlot(), MatrixSlot(), MatrixSlot(), MatrixSlot()
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
@@ -645,8 +642,8 @@ class CausalSelfAttention(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
-        self.use_xsa = layer >= L - hp.xsa_last_n  # XSA (arXiv:2603.09078): PR #265; last 4 layers: PR #287
-        self.use_ve = layer >= L - hp.ve_last_n  # value embeddings on the last VE_LAST_N layers
+        self.use_xsa = layer >= hp.num_layers - hp.xsa_last_n  # XSA (arXiv:2603.09078): PR #265; last 4 layers: PR #287
+        self.use_ve = layer >= hp.num_layers - hp.ve_last_n  # value embeddings on the last VE_LAST_N layers
         self.ve_scale = nn.Parameter(torch.tensor(0.1)) if self.use_ve else None
         # Value residual (ResFormer, arXiv:2410.17897): PR #413
         self.vrl_lambda = nn.Parameter(torch.zeros(2)) if layer > 0 and hp.value_residual else None
@@ -701,17 +698,27 @@ class Block(nn.Module):
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, W["up"], W["down"])
         return x, v0
 
-class BigramHash(nn.Module):
+class ProjectedEmbedding(nn.Module):
+    """A token embedding (N(0, 0.01)) through a zero-initialized projection, so it starts as a no-op: the value
+    embeddings added (scaled per layer) to v (VE128: PR #374), and BigramHash's table."""
+
+    def __init__(self, vocab_size: int, dim: int, out_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(idx))
+
+class BigramHash(ProjectedEmbedding):
     """Embedding of a hash of (previous, current) token; position 0 has no previous token and gets a
     reserved bucket, so nothing is read from before the sequence start. PR #135, PR #162; 4096 buckets: PR #850."""
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
-        super().__init__()
+        super().__init__(buckets, dim, model_dim)
         self.buckets = buckets
-        self.embed = nn.Embedding(buckets, dim)
-        nn.init.normal_(self.embed.weight, std=0.01)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
-        nn.init.zeros_(self.proj.weight)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def bucket(self, idx: torch.Tensor) -> torch.Tensor:
@@ -721,7 +728,7 @@ class BigramHash(nn.Module):
         return torch.cat([first, h], dim=1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.proj(self.embed(self.bucket(idx)))
+        return self.scale * super().forward(self.bucket(idx))
 
 class SmearGate(nn.Module):
     """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g; position 0 mixes with 0."""
@@ -735,20 +742,8 @@ class SmearGate(nn.Module):
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         return (1 - g) * x + g * prev
 
-class ValueEmbedding(nn.Module):
-    """A shared token embedding projected to the KV width, added (scaled per layer) to v (VE128: PR #374)."""
-
-    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, dim)
-        nn.init.normal_(self.embed.weight, std=0.01)
-        self.proj = nn.Linear(dim, kv_dim, bias=False)
-        nn.init.zeros_(self.proj.weight)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.embed(idx))
-
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")  # AdamW at EMBED_LR; int8 rows
 
 class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
@@ -759,9 +754,9 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D) if hp.bigram_vocab_size else None
         self.smear = SmearGate(D) if hp.smear_gate else None  # SmearGate: PR #65
-        self.ve = ValueEmbedding(V, hp.ve_dim, hp.kv_dim) if hp.ve_last_n else None
+        self.ve = ProjectedEmbedding(V, hp.ve_dim, hp.kv_dim) if hp.ve_last_n else None  # shared by the last layers
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
-        self.num_skips = min(hp.num_encoder_layers, L - hp.num_encoder_layers) if hp.unet_skips else 0
+        self.num_skips = hp.num_encoder_layers if hp.unet_skips else 0  # each encoder output has a decoder layer
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, D)) if self.num_skips else None
         # Banks: rows [0, L) are q / k / up / down of layer i; rows [L, 2L) are out / v of layer i - L.
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
@@ -873,8 +868,7 @@ class ParallelMuon(torch.optim.Optimizer):
                  d: Dist):
         groups = [dict(params=[p], lrs=lr.to(p.device), lr_mult=1.0, momentum=momentum) for p, lr in zip(banks, lrs)]
         super().__init__(groups, dict(weight_decay=weight_decay, backend_steps=backend_steps))
-        self.d = d
-        self._pending = []
+        self.d, self._pending = d, []
 
     def _shard(self, p: torch.Tensor) -> tuple:
         per_rank = -(-p.size(0) // self.d.world_size)
@@ -946,15 +940,13 @@ def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
     banks = [getattr(model, name) for name in BANKS]
     lrs = [layer_lr.repeat(2), layer_lr.repeat(2), layer_lr, layer_lr]  # bank rows: layer i and L + i
     muon = ParallelMuon(banks, lrs, hp.muon_momentum_warmup_start, hp.muon_wd, hp.muon_backend_steps, d)
-    embed_names = {"tok_emb.weight", "bigram.embed.weight", "ve.embed.weight"}
     named = [(n, p) for n, p in model.named_parameters() if n not in BANKS]
-    embeds = [p for n, p in named if n in embed_names]
-    scalars = [p for n, p in named if n not in embed_names]
+    embeds = [p for n, p in named if n in EMBEDDING_NAMES]
+    scalars = [p for n, p in named if n not in EMBEDDING_NAMES]
     adam = torch.optim.AdamW(
         [dict(params=embeds, lr=hp.embed_lr, base_lr=hp.embed_lr),
          dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)],
-        betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
-        fused=d.is_cuda)
+        betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=d.is_cuda)
     return muon, adam, embeds + scalars
 
 def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
@@ -1007,9 +999,7 @@ class BigramCounter:
 def lr_multiplier(progress: float, warmdown_frac: float) -> float:
     """WSD (PR #850; MiniCPM, arXiv:2404.06395): 1 for the first (1 - warmdown_frac), then a cosine to 0 at 1."""
     start = 1.0 - warmdown_frac
-    if progress <= start:
-        return 1.0
-    x = min(1.0, (progress - start) / warmdown_frac)
+    x = min(1.0, max(0.0, (progress - start) / warmdown_frac))  # 0 until the warm-down starts: multiplier 1
     return 0.5 * (1.0 + math.cos(math.pi * x))
 
 def muon_momentum_at(step: int, hp: Hyperparameters) -> float:  # warm-up 0.92 -> 0.99: PR #65 / PR #162 line
@@ -1161,8 +1151,7 @@ class SharedClock:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True).wait()  # on NCCL: a stream wait, not a host one
         if self.d.is_cuda:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             t = (host, event)
@@ -1262,8 +1251,7 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
                 f"train_time:{shared[0] * 1000:.0f}ms")
             val_s += time.perf_counter() - t0
             t_prev = time.perf_counter()
-    final_loss = all_reduce(loss.detach().clone(), "avg").item()
-    check_finite(final_loss, step)
+    check_finite(all_reduce(loss.detach().clone(), "avg").item(), step)
     log(f"weight_averaging: {averager.apply_final()}")
     sync(d)
     train_s = time.perf_counter() - start - val_s
@@ -1301,7 +1289,6 @@ def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat
 
 ARTIFACT_MAGIC = b"PGOLF\x06"
 ARTIFACT_VERSION = 2
-EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")
 SMALL_TENSOR_NUMEL = 65536
 LZMA_PRESET = 9 | lzma.PRESET_EXTREME  # LZMA instead of zstd/zlib: PR #549 line of records
 
@@ -1519,9 +1506,8 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
         for h in handles:
             h.remove()
         model.train()
-    n_tokens = hp.gptq_n_samples * seq
     for name in list(H):
-        H[name] = all_reduce(H[name]) / n_tokens
+        H[name] = all_reduce(H[name]) / tokens.numel()
         if name.endswith("attn.c_q"):
             H[name[:-3] + "c_k"] = H[name[:-3] + "c_v"] = H[name]
     return H
@@ -1664,7 +1650,7 @@ class Scored:
 
 def audit_positions(n_tokens: int, k: int) -> torch.Tensor:
     """K target positions spread evenly over the whole pass, chosen from positions only (never tokens)."""
-    return torch.linspace(1, n_tokens - 1, min(k, n_tokens - 1)).round().long().unique() if k else torch.zeros(0).long()
+    return torch.linspace(1, n_tokens - 1, min(k, n_tokens - 1)).round().long().unique()
 
 @torch.no_grad()
 def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Tensor, hp: Hyperparameters,
@@ -1735,12 +1721,11 @@ class NGramCache:
     BASES = (1_000_003, 1_234_567_891)
     ORDER_BITS = 4
 
-    def __init__(self, min_order: int, max_order: int, vocab_size: int, device: torch.device):
+    def __init__(self, min_order: int, max_order: int, vocab_size: int):
         self.orders = list(range(max_order, min_order - 1, -1))  # highest first
         self.vbits = max(1, (vocab_size - 1).bit_length())
         self.ctx_bits = 63 - self.ORDER_BITS - self.vbits
-        self.runs, self.distinct_runs = [], []
-        self.device = device
+        self.runs, self.distinct_runs = [], []  # on the device of the tokens they are built from
 
     def context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple:
         """(K, M) keys of the contexts tokens[p-n+1 : p] (token bits zero) for each order n of
@@ -1804,14 +1789,15 @@ class NGramCache:
     def memory_bytes(self) -> int:
         return sum(k.numel() * 8 + c.numel() * 8 for k, c in self.runs + self.distinct_runs)
 
-def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: torch.Tensor, beta: torch.Tensor) -> tuple:
+def witten_bell(lp_model: torch.Tensor, C: torch.Tensor, c: torch.Tensor, u: torch.Tensor,
+                beta: torch.Tensor) -> tuple:
     """Interpolated Witten-Bell over the orders (Witten & Bell 1991; Chen & Goodman 1998), bottoming out
     in the model: p_n(v) = (c_n(v) + k_n p_{n-1}(v)) / (C_n + k_n), k_n = beta_n * distinct_n, from the
     lowest order up; p_n = p_{n-1} where the context was never seen. Each step is a convex mix of a count
     distribution and a distribution, so sum_v p(v) = 1 by construction, and an unseen target keeps
     k_n / (C_n + k_n) of its lower-order probability (mixing only the highest seen order with the model,
-    PR #809's backoff, scored 0.02-0.07 BPB worse: logs/ablate_eval_20261126.txt). Shapes: lp_model (M,) or (M, V); C, u, beta (K, M) or
-    broadcastable to c (K, M[, V]), orders highest first. Returns (log p, the weight not on the model)."""
+    PR #809's backoff, scored 0.02-0.07 BPB worse: logs/ablate_eval_20261126.txt). Shapes: lp_model (M,)
+    or (M, V); C, u, beta (K, M) or broadcastable to c (K, M[, V]), orders highest first. Returns (log p, the weight not on the model)."""
     if c.dim() > C.dim():  # whole rows: one context per row, all tokens
         C, u, beta = C[..., None], u[..., None], beta[..., None]
     p = lp_model.exp()
@@ -1967,7 +1953,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
     windows = make_windows(N, hp.eval_seq_len, hp.eval_stride)
     chunk_of = (windows[:, 2] - 1) // C
     n_chunks = int(chunk_of[-1]) + 1
-    cache = NGramCache(hp.ngram_eval_min_order, hp.ngram_eval_order, hp.vocab_size, d.device) if use_ngram else None
+    cache = NGramCache(hp.ngram_eval_min_order, hp.ngram_eval_order, hp.vocab_size) if use_ngram else None
     mixer = LearnedMix(len(cache.orders) if cache else 0, hp, d)
     ttt = TestTimeTrainer(model, hp, d) if use_ttt else None
     hidden_fn = torch.compile(model.hidden, dynamic=False) if d.is_cuda else model.hidden
@@ -2009,15 +1995,15 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             with timer("ttt"):
                 for _ in range(hp.ttt_steps):
                     ttt.step(tokens, lo, hi, luts)
-        now = time.perf_counter()
+        now, (chunk_model, chunk_mixed, chunk_bytes) = time.perf_counter(), chunk_sums[:3].tolist()
         console = now - last_log > 20 or c == n_chunks - 1  # every chunk goes to the file, one per 20 s to the console
         if console:
             last_log = now
-        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(chunk_sums[0].item(), chunk_sums[2].item()):.4f} "
-            f"mixed_bpb:{bits_per_byte(chunk_sums[1].item(), chunk_sums[2].item()):.4f} temperature:{mixer.temperature:.4f} "
+        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(chunk_model, chunk_bytes):.4f} "
+            f"mixed_bpb:{bits_per_byte(chunk_mixed, chunk_bytes):.4f} temperature:{mixer.temperature:.4f} "
             f"running_mixed_bpb:{bits_per_byte(sums[1].item(), sums[2].item()):.4f} elapsed:{now - t0:.1f}s "
-            f"eta:{(n_chunks - c - 1) * (now - t0) / (c + 1):.1f}s ngram_mem:{cache.memory_bytes() / 2**20 if cache else 0:.1f}MiB",
-            console=console)
+            f"eta:{(n_chunks - c - 1) * (now - t0) / (c + 1):.1f}s "
+            f"ngram_mem:{cache.memory_bytes() / 2**20 if cache else 0:.1f}MiB", console=console)
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
@@ -2052,7 +2038,7 @@ def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_p
     if cache is not None:  # the highest order whose context was seen (0: none)
         seen = C > 0
         orders = torch.tensor(cache.orders, device=C.device, dtype=torch.float64)[:, None]
-        dump["order"][i] = torch.where(seen, orders, 0.0).amax(0) if seen.numel() else 0.0
+        dump["order"][i] = torch.where(seen, orders, 0.0).amax(0)
     dump["alpha"][i] = alpha
     dump["audit_p"][torch.searchsorted(audit_pos, sc.audit_pos)] = p_audit
 
@@ -2110,8 +2096,7 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
     log(f"Serialized model gptq+lzma: {artifact_bytes} bytes")
     log(f"Total submission size: {total} bytes (cap {hp.artifact_size_cap}, headroom {hp.artifact_size_cap - total}, "
         f"of which SIZE_MARGIN_BYTES={hp.size_margin_bytes})")
-    verdict = torch.tensor([float(total), used], dtype=torch.float64, device=d.device)
-    total, used = broadcast(verdict, 0).tolist()
+    total, used = broadcast(torch.tensor([float(total), used], dtype=torch.float64, device=d.device), 0).tolist()
     if total > hp.artifact_size_cap - hp.size_margin_bytes:
         problem = (f"artifact + code = {int(total)} bytes even at the smallest QUANT_BITS={hp.quant_bits}, over "
                    f"ARTIFACT_SIZE_CAP={hp.artifact_size_cap} - SIZE_MARGIN_BYTES={hp.size_margin_bytes}")

@@ -27,7 +27,7 @@ VAL_TOKENS_FULL = 62_021_846
 def run(tokens: torch.Tensor, device: torch.device, hp: tg.Hyperparameters) -> dict:
     d = tg.Dist(device=device)
     tokens = tokens.to(device, dtype=torch.int64)
-    cache = tg.NGramCache(hp.ngram_eval_min_order, hp.ngram_eval_order, hp.vocab_size, device)
+    cache = tg.NGramCache(hp.ngram_eval_min_order, hp.ngram_eval_order, hp.vocab_size)
     mixer = tg.LearnedMix(len(cache.orders), dataclasses.replace(hp, eval_learned_mix=False), d)
     gen = torch.Generator(device=device).manual_seed(0)
     C, N = hp.ttt_chunk_tokens, tokens.numel()

@@ -237,7 +237,7 @@ def test_witten_bell_equals_dictionary_reference():
     gen = torch.Generator().manual_seed(2)
     toks_t = torch.randint(0, 5, (900,), generator=gen)
     toks = toks_t.tolist()
-    cache = tg.NGramCache(2, 9, V, torch.device("cpu"))
+    cache = tg.NGramCache(2, 9, V)
     for lo, hi in ((1, 300), (300, 301), (301, 700)):
         cache.update(toks_t, torch.arange(lo, hi))
     pos = torch.arange(700, 760)
@@ -306,7 +306,7 @@ def test_c2_cache_counts_equal_dictionary_reference(kind, val_tokens):
         toks = val_tokens[:12000].long()
     else:  # 4 symbols: contexts repeat a lot, counts get large
         toks = torch.randint(0, 4, (6000,), generator=gen)
-    cache = tg.NGramCache(2, 9, V, torch.device("cpu"))
+    cache = tg.NGramCache(2, 9, V)
     bounds = [1, 700, 2000, 2048, 5000, toks.numel()]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         cache.update(toks, torch.arange(lo, hi))
@@ -318,7 +318,7 @@ def test_c2_lsm_merging_keeps_counts_exact():
     the number of runs per order stays logarithmic and each run's keys are strictly increasing."""
     gen = torch.Generator().manual_seed(5)
     toks = torch.randint(0, 6, (5001,), generator=gen)
-    cache = tg.NGramCache(2, 9, V, torch.device("cpu"))
+    cache = tg.NGramCache(2, 9, V)
     max_runs = 0
     for k in range(50):
         cache.update(toks, torch.arange(1 + 100 * k, 1 + 100 * (k + 1)))
