@@ -50,7 +50,7 @@ embedded_settings() {
     # tens of KB to spare), so the run exercises the exporter's width decisions instead of making every matrix int6.
     export ARTIFACT_SIZE_CAP="${ARTIFACT_SIZE_CAP:-1050000}"
     # EMA 0.9, not 0.99: at ~100 steps 0.99 still holds ~37% of the initial weights (0.02 BPB worse on 2 seeds x
-    # 2 texts, logs/ema_embedded_20261126.txt); the submitted ~7,000-step run keeps EMA_DECAY=0.997.
+    # 2 texts, logs/ema_embedded_20261126.txt); the submitted ~7,000-step run keeps the default 0.997.
     export WARMUP_STEPS="${WARMUP_STEPS:-2}" EMA_DECAY="${EMA_DECAY:-0.9}" SWA_EVERY="${SWA_EVERY:-10}"
     export MUON_MOMENTUM_WARMUP_STEPS="${MUON_MOMENTUM_WARMUP_STEPS:-100}"
     export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-100}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-25}"
