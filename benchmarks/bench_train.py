@@ -1,4 +1,4 @@
-"""Training step time of the submitted configuration, and of each speed change of issue 13 switched off.
+"""Training step time of the submitted configuration, and of variants: SDPA backends forced, the late-QAT forward.
 
     python3 benchmarks/bench_train.py                     # every variant below, one subprocess each
     python3 benchmarks/bench_train.py --variants tree,sdpa_flash --steps 10 --budget 300
