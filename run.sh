@@ -28,6 +28,8 @@ if [ "$gpus" -eq 0 ]; then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     echo "run.sh: CPU run with OMP_NUM_THREADS=$OMP_NUM_THREADS (set it to change)"
 fi
+vocab="${VOCAB_SIZE:-1024}"     # the embedded corpus and the default data paths follow the vocabulary
+corpus="data/embedded/sp$vocab"
 nproc=1
 for n in 8 4 2 1; do  # grad accumulation is 8 / WORLD_SIZE: use the largest divisor of 8 we have
     if [ "$gpus" -ge "$n" ]; then nproc=$n; break; fi
@@ -38,17 +40,19 @@ embedded_settings() {
     # 2.7 s on one thread (logs/run_20261126_023252.txt, idle machine): the ~320 s of training read 1.9M
     # tokens, 0.55 epochs of the ~3.4M-token train split (fewer with a busy core: the budget is wall
     # clock), so the run measures learning, not memorization. About 7 minutes in all.
-    export DATA_PATH=data/embedded/datasets/fineweb10B_sp1024
-    export TOKENIZER_PATH=data/embedded/tokenizers/fineweb_1024_bpe.model
+    export DATA_PATH="$corpus/datasets/fineweb10B_sp$vocab" TOKENIZER_PATH="$corpus/tokenizers/fineweb_${vocab}_bpe.model"
     export DATA_LABEL="${DATA_LABEL:-embedded_docstring_corpus}"
     export NUM_LAYERS="${NUM_LAYERS:-6}" MODEL_DIM="${MODEL_DIM:-128}" NUM_HEADS="${NUM_HEADS:-4}"
     export NUM_KV_HEADS="${NUM_KV_HEADS:-2}" ROPE_DIMS="${ROPE_DIMS:-8}" XSA_LAST_N="${XSA_LAST_N:-2}"
     export BIGRAM_VOCAB_SIZE="${BIGRAM_VOCAB_SIZE:-2048}" BIGRAM_DIM="${BIGRAM_DIM:-64}" VE_DIM="${VE_DIM:-64}"
     export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}" TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-16384}"
     export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-330}"
-    # A cap as tight for this small model as 16,000,000 bytes is for the real one (all-int5 fits with a few
-    # tens of KB to spare), so the run exercises the exporter's width decisions instead of making every matrix int6.
-    export ARTIFACT_SIZE_CAP="${ARTIFACT_SIZE_CAP:-1050000}"
+    # A cap as tight for this small model as 16,000,000 bytes is for the real one (at 1024 pieces all-int5 fits
+    # with a few tens of KB to spare), so the run exercises the exporter's width decisions instead of making every
+    # matrix int6. A larger vocabulary adds its rows of the two V-row tables (tied embedding 128 wide, value
+    # embedding 64) at one byte per value: the real model's 16 MB is the same for every vocabulary, but at this
+    # width the embedding would otherwise be most of the cap.
+    export ARTIFACT_SIZE_CAP="${ARTIFACT_SIZE_CAP:-$(( 1050000 + (vocab - 1024) * 192 ))}"
     # EMA 0.9, not 0.99: at ~100 steps 0.99 still holds ~37% of the initial weights (0.02 BPB worse on 2 seeds x
     # 2 texts, logs/ema_embedded_20261126.txt); the submitted ~7,000-step run keeps the default 0.997.
     export WARMUP_STEPS="${WARMUP_STEPS:-2}" EMA_DECAY="${EMA_DECAY:-0.9}" SWA_EVERY="${SWA_EVERY:-10}"
@@ -62,13 +66,13 @@ embedded_settings() {
 select_job() {
     # Sets `launch`: the submitted run under torchrun when there are CUDA GPUs and FineWeb shards,
     # otherwise the embedded corpus (built here) with the small configuration.
-    local data="${DATA_PATH:-./data/datasets/fineweb10B_sp1024}"
+    local data="${DATA_PATH:-./data/datasets/fineweb10B_sp$vocab}"
     if [ "$gpus" -gt 0 ] && ls "$data"/fineweb_train_*.bin >/dev/null 2>&1; then
         echo "run.sh: $gpus CUDA GPU(s) and FineWeb shards in $data: the submitted run on $nproc GPU(s)"
         launch="$python_bin -m torch.distributed.run --standalone --nproc_per_node=$nproc train_gpt.py"
     else
         echo "run.sh: no CUDA GPU or no shards in $data: embedded corpus, small configuration"
-        "$python_bin" tools/embedded_corpus.py --out data/embedded
+        "$python_bin" tools/embedded_corpus.py --out "$corpus" --vocab-size "$vocab"
         embedded_settings
         launch="$python_bin train_gpt.py"
     fi

@@ -2,11 +2,12 @@
 
 Run (8 GPUs, real data):   torchrun --standalone --nproc_per_node=8 train_gpt.py
 Run (anywhere, no data):   ./run.sh  (builds an embedded corpus and runs a small configuration on the CPU)
-Reproduce from an artifact: EVAL_ONLY=final_model.int5.xz torchrun --standalone --nproc_per_node=8 train_gpt.py
+Reproduce from an artifact: EVAL_ONLY=final_model.gptq.xz torchrun --standalone --nproc_per_node=8 train_gpt.py
 
 What it does, in data-flow order: read the tokenized FineWeb shards; train the model for at most
 MAX_WALLCLOCK_SECONDS with banked Parallel Muon + AdamW, EMA/SWA and late QAT; collect GPTQ Hessians from
-training data and quantize every block matrix to int5 (inside the same budget); write an LZMA-compressed,
+training data and quantize every block matrix by GPTQ to int4, int5 or int6, the widths chosen to fit the
+cap (inside the same budget); write an LZMA-compressed,
 self-describing artifact whose bytes plus this file's bytes must stay under 16,000,000; rebuild the model
 from that file alone and score the validation split in one causal pass that mixes the model with an exact
 n-gram cache and adapts LoRA weights on text it has already scored.
@@ -65,15 +66,15 @@ class GolfError(Exception):
 @dataclass(frozen=True)
 class Hyperparameters:
     # --- data and run bookkeeping ---
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    vocab_size: int = 1024
+    vocab_size: int = 1024                # 1024 (the official download), 4096 or 8192 (README "Data")
+    data_path: str = ""                   # empty: ./data/datasets/fineweb10B_sp{VOCAB_SIZE}
+    tokenizer_path: str = ""              # empty: ./data/tokenizers/fineweb_{VOCAB_SIZE}_bpe.model
     seed: int = 1337
     dist_timeout_seconds: float = 300.0   # a collective waiting longer than this ends the run (a rank died)
     run_id: str = ""                      # empty: derived from the start time and SEED
-    output_dir: str = "."                 # final_model.pt, final_model.int5.xz, submission.json, logs/
-    data_label: str = "fineweb10B_sp1024"  # what the data is, recorded in the log and submission.json
-    # --- model (SPEC §2) ---
+    output_dir: str = "."                 # final_model.pt, final_model.gptq.xz, submission.json, logs/
+    data_label: str = ""                  # what the data is (log, submission.json); empty: fineweb10B_sp{VOCAB_SIZE}
+    # --- model (README "Model") ---
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
@@ -93,7 +94,7 @@ class Hyperparameters:
     gated_attn: bool = True
     value_residual: bool = True
     unet_skips: bool = True
-    # --- training (SPEC §3) ---
+    # --- training (README "Training") ---
     iterations: int = 20000               # step cap; the step count itself when MAX_WALLCLOCK_SECONDS=0
     train_seq_len: int = 2048
     train_batch_tokens: int = 786432      # global, independent of WORLD_SIZE
@@ -125,7 +126,7 @@ class Hyperparameters:
     val_loss_every: int = 4000            # 0 = only at the end
     val_batch_tokens: int = 524288
     train_log_every: int = 100
-    # --- export (SPEC §4) ---
+    # --- export (README "Export") ---
     gptq_n_samples: int = 256
     gptq_block_size: int = 128
     gptq_percdamp: float = 0.01
@@ -133,7 +134,7 @@ class Hyperparameters:
     quant_bits: str = "4,5,6"             # widths a block matrix may get; int5 (late QAT's grid) is the start
     artifact_size_cap: int = 16_000_000
     size_margin_bytes: int = 2048         # left under the cap: room to fix a comment in the code after a run
-    # --- evaluation (SPEC §5) ---
+    # --- evaluation (README "Evaluation") ---
     eval_only: str = ""                   # path of an artifact: skip training, evaluate it
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -153,6 +154,13 @@ class Hyperparameters:
     ngram_eval_order: int = 9
     ngram_eval_min_order: int = 2
     ngram_audit_positions: int = 64
+
+    def __post_init__(self):  # the data follows the vocabulary unless its paths are given
+        V = self.vocab_size
+        for name, default in (("data_path", f"./data/datasets/fineweb10B_sp{V}"), ("data_label", f"fineweb10B_sp{V}"),
+                              ("tokenizer_path", f"./data/tokenizers/fineweb_{V}_bpe.model")):
+            if not getattr(self, name):
+                object.__setattr__(self, name, default)
 
     @classmethod
     def from_env(cls, env) -> "Hyperparameters":
@@ -503,7 +511,7 @@ def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
 
 
 # ==================== Model ==========================================================================
-# SPEC §2. The block matrices (q/out, k/v, MLP up, MLP down) live in four contiguous 3-D parameter banks
+# README "Model". The block matrices (q/out, k/v, MLP up, MLP down) live in four contiguous 3-D parameter banks
 # owned by the GPT, so that Parallel Muon can shard whole matrices across ranks. Blocks receive 2-D views
 # of the banks and apply them through `MatrixSlot`s: parameter-free modules whose forward hooks see each
 # matrix's input (GPTQ Hessians) and which can carry a LoRA adapter (test-time training).
@@ -562,7 +570,7 @@ def _fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 def configure_attention(hp: Hyperparameters, d: Dist) -> str:
     """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3 if
     installed, else SDPA with its backend order set to cuDNN > flash > efficient > math (torch 2.9
-    tries FA2 first on H100, 1.7-2.3x slower than cuDNN: GPU_SPEED.md §3); ATTN_BACKEND forces one. For SDPA
+    tries FA2 first on H100, 1.7-2.3x slower than cuDNN: README "GPU measurements"); ATTN_BACKEND forces one. For SDPA
     the name is its own choice for the training shapes (`_fused_sdp_choice`, what its dispatch calls)."""
     global _flash_kernel
     want, dtype, _flash_kernel = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, None
@@ -1278,7 +1286,7 @@ def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat
 
 
 # ==================== Quantization and serialization =================================================
-# SPEC §4. Block matrices: full-Hessian GPTQ (Frantar et al. 2022, names follow IST-DASLab's gptq.py) with
+# README "Export". Block matrices: full-Hessian GPTQ (Frantar et al. 2022, names follow IST-DASLab's gptq.py) with
 # H = mean x^T x of the matrix's inputs over calibration sequences of training data, taken inside the
 # training budget, at every width of QUANT_BITS in one sweep. Embedding tables: int8 per row. Tensors of
 # <= 65,536 elements: fp16. The artifact is magic | u32 header length | JSON header | u32 length of each
@@ -1619,7 +1627,7 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
 
 
 # ==================== Evaluation =====================================================================
-# SPEC §5, the number that is reported. One left-to-right pass over the validation tokens in chunks of
+# README "Evaluation", the number that is reported. One left-to-right pass over the validation tokens in chunks of
 # TTT_CHUNK_TOKENS targets. For each chunk: (1) score every target once with a sliding window (length
 # EVAL_SEQ_LEN, stride EVAL_STRIDE; windows split across ranks) with the LoRA weights and temperature
 # learned from earlier chunks; (2) mix the model's distribution with the Witten-Bell n-gram chain over
@@ -2057,7 +2065,7 @@ def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
 # artifact to the final integrated number. Validation passes and the diagnostic round-trip eval are
 # outside both and logged separately.
 
-SUBMISSION_NAME = "Valid complementary n-gram + int5 GPTQ + LoRA TTT"
+SUBMISSION_NAME = "Valid complementary n-gram + mixed-width GPTQ + LoRA TTT"
 SUBMISSION_AUTHOR = "parameter-golf entry team"
 
 def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
@@ -2070,7 +2078,7 @@ def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
 
 def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
     """Checkpoint, GPTQ calibration, quantization, serialization; the budget and size checks. The artifact
-    becomes final_model.int5.xz unless even the smallest widths cannot fit the cap; an overrun of the
+    becomes final_model.gptq.xz unless even the smallest widths cannot fit the cap; an overrun of the
     budget is kept and returned in `problems`. The full-precision checkpoint stays either way."""
     t0 = time.perf_counter()
     if d.is_main:
@@ -2083,7 +2091,7 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
     header = dict(config={k: getattr(hp, k) for k in MODEL_FIELDS}, code_sha256=file_sha256(__file__),
                   tokenizer_sha256=file_sha256(hp.tokenizer_path))
     budget = hp.artifact_size_cap - hp.size_margin_bytes - code_bytes
-    tmp = out / "final_model.int5.xz.tmp"
+    tmp = out / "final_model.gptq.xz.tmp"
     artifact_bytes = write_artifact(q, header, budget, tmp, log) if d.is_main else 0
     barrier()
     calib_s, export_s = t1 - t0, time.perf_counter() - t1
@@ -2111,7 +2119,7 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
                         f"export = {used:.1f}s > MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}")
         log(f"NOT COMPLIANT: {problems[-1]}; the artifact is kept and evaluated, and marked non-compliant")
     if d.is_main:
-        os.replace(tmp, out / "final_model.int5.xz")
+        os.replace(tmp, out / "final_model.gptq.xz")
     barrier()
     return dict(calibration_seconds=calib_s, export_seconds=export_s, artifact_bytes=int(artifact_bytes),
                 code_bytes=code_bytes, total_bytes=int(total), problems=problems)
@@ -2127,7 +2135,7 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     clock = time.perf_counter()
     model = model_from_artifact(artifact, hp, d)
     rt_loss, rt_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
-    log_final("final_int5_roundtrip_contiguous", rt_loss, rt_bpb, log,
+    log_final("final_quant_roundtrip_contiguous", rt_loss, rt_bpb, log,
               "" if math.isnan(prequant_bpb) else f" quant_gap_bpb:{rt_bpb - prequant_bpb:.4f}")
     r = evaluate(model, val_tokens, luts, hp, d, log, use_ngram=hp.ngram_enabled, use_ttt=hp.ttt_enabled,
                  label="integrated", dump_path=hp.eval_dump_path)
@@ -2151,7 +2159,7 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
                      prequant_bpb: float, final: EvalResult, problems: list) -> None:
     hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
         f"{d.world_size}x CPU process ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    blurb = (f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, int5 GPTQ + LZMA; single-pass eval mixing an exact "
+    blurb = (f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, mixed int4/5/6 GPTQ + LZMA; single-pass eval mixing an exact "
              f"normalized n-gram cache (orders {hp.ngram_eval_min_order}-{hp.ngram_eval_order}) with "
              f"{'LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}.")
     r = lambda x: round(x, 8)  # noqa: E731
@@ -2164,7 +2172,7 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
         train_seconds=round(train.train_seconds, 2), calibration_seconds=round(exp["calibration_seconds"], 2),
         export_seconds=round(exp["export_seconds"], 2), eval_seconds=round(final.seconds, 2),
         components=dict(prequant_val_bpb_contiguous=r(prequant_bpb), quant_gap_bpb_contiguous=r(final.roundtrip_bpb - prequant_bpb),
-                        int5_roundtrip_contiguous_val_bpb=r(final.roundtrip_bpb), model_only_bpb=r(final.model_bpb),
+                        quant_roundtrip_contiguous_val_bpb=r(final.roundtrip_bpb), model_only_bpb=r(final.model_bpb),
                         integrated_bpb=r(final.mixed_bpb), ngram_gain_bpb=r(final.model_bpb - final.mixed_bpb),
                         ttt_enabled=hp.ttt_enabled, artifact_bytes=exp["artifact_bytes"]))
     tmp = path.with_suffix(".json.tmp")
@@ -2181,7 +2189,7 @@ def check_output_dir(out: Path, d: Dist) -> None:
     except OSError as e:
         raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
 
-RESULT_FILES = ("submission.json", "final_model.int5.xz", "final_model.pt")
+RESULT_FILES = ("submission.json", "final_model.gptq.xz", "final_model.pt")
 
 def move_aside_previous(out: Path, log: RunLog) -> None:
     """An earlier run's results go to OUTPUT_DIR/previous/<their time>/ (never deleted), so a run that fails
@@ -2256,7 +2264,7 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
     log(f"final_weights val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} (EMA/SWA, before quantization)")
     exp = export(model, hp, d, log, out, train)
     status.update(exp, cap=hp.artifact_size_cap)
-    final = integrated_eval(out / "final_model.int5.xz", hp, d, log, val_tokens, luts, prequant_bpb)
+    final = integrated_eval(out / "final_model.gptq.xz", hp, d, log, val_tokens, luts, prequant_bpb)
     status.update(val_bpb=final.mixed_bpb, problems=exp["problems"] + final.problems)
     if d.is_main:
         write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, final, status["problems"])

@@ -4,7 +4,7 @@ the embedded validation split and on the second held-out text (<corpus>/datasets
 model and tokenizer never saw). Every row is a fresh `EVAL_ONLY` run of train_gpt.py with run.sh's
 embedded settings; a part's delta = BPB with it off - BPB with everything on (positive: the part helps).
 
-    python3 benchmarks/ablate_eval.py ARTIFACT [--corpus data/embedded] [--old-rev 5633f8d] [--out FILE]
+    python3 benchmarks/ablate_eval.py ARTIFACT [--corpus data/embedded/sp1024] [--old-rev 5633f8d] [--out FILE]
     python3 benchmarks/ablate_eval.py ARTIFACT --sweep TTT_STEPS=3,TTT_LR=0.01 ...   (one row per setting set)
 """
 import argparse
@@ -51,7 +51,7 @@ def score(code: Path, artifact: Path, data: Path, tokenizer: Path, settings: dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "embedded")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "embedded" / "sp1024")
     ap.add_argument("--old-rev", default=OLD_REV)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--jobs", type=int, default=1, help="evaluations run at the same time")

@@ -7,7 +7,7 @@ data/embedded) at the CPU shape of run.sh's embedded_settings (read from run.sh,
 step-based (MAX_WALLCLOCK_SECONDS=0, ITERATIONS=--steps: every schedule follows the step count, so runs
 are comparable whatever else the machine is doing), OMP_NUM_THREADS=1, at most --jobs runs at once, each
 in its own temporary OUTPUT_DIR. Per run it reads from the logs:
-  model-only BPB   `final_int5_roundtrip_contiguous_exact` (the artifact's model alone, the same contiguous evaluator
+  model-only BPB   `final_quant_roundtrip_contiguous_exact` (the artifact's model alone, the same contiguous evaluator
                    for every configuration)
   integrated BPB   `final_integrated_exact` (n-gram cache + LoRA TTT, the reported number)
   s/step           `step_avg:` of the last training log line (wall seconds per step, 1 thread)
@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data" / "embedded"
+CORPUS = ROOT / "data" / "embedded" / "sp1024"
 
-# One switch set per part (names agreed in notes/interfaces.md); "all_off" is a plain GPT with Muon.
+# One switch set per part; "all_off" is a plain GPT with Muon.
 PARTS = {
     "xsa": {"XSA_LAST_N": "0"},
     "value_embed": {"VE_LAST_N": "0"},
@@ -86,10 +86,10 @@ def run_one(base: dict, name: str, seed: int, steps: int) -> dict:
             raise RuntimeError(f"ablate_train: {name} seed {seed} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
         log = p.stdout
         r = dict(config=name, seed=seed, steps=steps,
-                 model_bpb=last(rf"final_int5_roundtrip_contiguous_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_int5_roundtrip_contiguous"),
+                 model_bpb=last(rf"final_quant_roundtrip_contiguous_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_quant_roundtrip_contiguous"),
                  integrated_bpb=last(rf"final_integrated_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_integrated"),
                  s_per_step=last(rf"step_avg:{FLOAT}ms", log, "step_avg") / 1000)
-        env.update(EVAL_ONLY=str(Path(out) / "final_model.int5.xz"), RUN_ID="heldout2",
+        env.update(EVAL_ONLY=str(Path(out) / "final_model.gptq.xz"), RUN_ID="heldout2",
                    DATA_PATH=str(CORPUS / "datasets" / "heldout2"))
         p = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
                            cwd=out)

@@ -48,7 +48,7 @@ def seconds_per_step(tg, data_path: str, steps: int = 3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scripts", nargs="+", type=Path, help="copies of train_gpt.py to time")
-    ap.add_argument("--data", default=str(ROOT / "data" / "embedded" / "datasets" / "fineweb10B_sp1024"))
+    ap.add_argument("--data", default=str(ROOT / "data" / "embedded" / "sp1024" / "datasets" / "fineweb10B_sp1024"))
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     for i, path in enumerate(args.scripts):

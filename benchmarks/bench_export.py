@@ -3,7 +3,7 @@ the ranks (q/k/v of a layer together), one gather, the width allocation and the 
 
     python -m torch.distributed.run --standalone --nproc_per_node=N benchmarks/bench_export.py [--layers 6 --dim 256]
 
-Needs the embedded corpus (./run.sh builds it in data/embedded) for the calibration sequences. The weights
+Needs the embedded corpus (./run.sh builds it in data/embedded/sp1024) for the calibration sequences. The weights
 are the random init plus noise: the time depends on the shapes, not on training.
 """
 import argparse
@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--data", default=str(ROOT / "data" / "embedded"))
+    ap.add_argument("--data", default=str(ROOT / "data" / "embedded" / "sp1024"))
     args = ap.parse_args()
     hp = tg.Hyperparameters(num_layers=args.layers, model_dim=args.dim, num_heads=4, num_kv_heads=2, rope_dims=8,
                             train_seq_len=256, gptq_n_samples=32, eval_batch_seqs=8,

@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1 << 20)
     args = ap.parse_args()
-    corpus = ROOT / "data" / "embedded"
+    corpus = ROOT / "data" / "embedded" / "sp1024"
     subprocess.run([sys.executable, str(ROOT / "tools" / "embedded_corpus.py"), "--out", str(corpus)], check=True)
     hp = tg.Hyperparameters(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
     tokens = tg.TokenStream(hp.data_path).take(args.tokens)

@@ -10,7 +10,7 @@ optimizer step (Parallel Muon + AdamW), bigram counts and EMA. On CPU: a REDUCED
 in the output), eager. Tokens are random ids: throughput does not depend on the text.
 
 Per variant it prints one `result:` line: ms per micro-step (= ms per step on 8 GPUs), tokens/s per GPU,
-MFU (22.5 TFLOP per micro-step of the submitted config, GPU_SPEED.md §5, over 989 TFLOP/s of H100 bf16),
+MFU (22.5 TFLOP per micro-step of the submitted config, README "GPU measurements", over 989 TFLOP/s of H100 bf16),
 peak memory, host syncs per optimizer step (CUDA: torch.cuda.set_sync_debug_mode("warn") warnings in one
 Trainer.step + EMA update), the attention kernel configure_attention chose, and compile time. Variants
 are the settings train_gpt.py reads (so the same switches work on a real run):
@@ -54,7 +54,7 @@ def synthetic_shards(n_tokens: int, vocab: int) -> str:
 
 
 def flop_per_micro_step(hp: tg.Hyperparameters) -> float:
-    """Model FLOPs of one micro-step (GPU_SPEED.md §5): 6 per matmul parameter per token (block matrices,
+    """Model FLOPs of one micro-step (README "GPU measurements"): 6 per matmul parameter per token (block matrices,
     tied head, bigram and value-embedding projections) plus causal attention 6 * L * D * T per token."""
     dense = hp.num_layers * (2 * hp.model_dim ** 2 + 2 * hp.kv_dim * hp.model_dim + 2 * hp.mlp_hidden * hp.model_dim)
     dense += hp.vocab_size * hp.model_dim + hp.bigram_dim * hp.model_dim + hp.ve_dim * hp.kv_dim

@@ -1,4 +1,4 @@
-"""Data and BPB accounting (SPEC §1): byte look-up tables, bits per byte, the shard format, tokenizer
+"""Data and BPB accounting (README "Data"): byte look-up tables, bits per byte, the shard format, tokenizer
 checks and the distributed train loader."""
 import math
 from pathlib import Path

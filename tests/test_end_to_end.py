@@ -1,5 +1,5 @@
 """End-to-end runs of train_gpt.py as a subprocess on the embedded corpus with the tiny configuration:
-the log grammar and submission.json (SPEC §6), determinism, 2-process (gloo) training, and clear
+the log grammar and submission.json (README "Reviewers"), determinism, 2-process (gloo) training, and clear
 failures on bad input."""
 import json
 import os
@@ -45,8 +45,8 @@ def test_main_job_log_in_order(main_run):
         r"^gptq: ",
         r"^Code size: \d+ bytes",
         r"^Total submission size: \d+ bytes",
-        r"^final_int5_roundtrip_contiguous val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}",
-        r"^final_int5_roundtrip_contiguous_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+        r"^final_quant_roundtrip_contiguous val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}",
+        r"^final_quant_roundtrip_contiguous_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
         r"^ngram_audit: ",
         r"^final_integrated val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4}",
         r"^final_integrated_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
@@ -76,7 +76,7 @@ def test_submission_json(main_run):
     code = int(re.search(r"^Code size: (\d+) bytes", "\n".join(lines), re.M)[1])
     total = int(re.search(r"^Total submission size: (\d+) bytes", "\n".join(lines), re.M)[1])
     assert sub["bytes_code"] == code == len((ROOT / "train_gpt.py").read_bytes())
-    assert sub["bytes_total"] == total == code + (main_run / "final_model.int5.xz").stat().st_size
+    assert sub["bytes_total"] == total == code + (main_run / "final_model.gptq.xz").stat().st_size
     assert sub["seed"] == 1337 and sub["world_size"] == 1 and sub["steps"] == 6
     assert sub["train_seconds"] >= 0 and sub["eval_seconds"] > 0
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", sub["date"])
@@ -85,7 +85,7 @@ def test_submission_json(main_run):
     comp = sub["components"]
     assert isinstance(comp, dict)
     assert comp.get("integrated_bpb") == bpb
-    assert comp.get("int5_roundtrip_contiguous_val_bpb") == exact_numbers(main_run)["final_int5_roundtrip_contiguous"][1]
+    assert comp.get("quant_roundtrip_contiguous_val_bpb") == exact_numbers(main_run)["final_quant_roundtrip_contiguous"][1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,14 +101,14 @@ def test_same_seed_identical_different_seed_differs(main_run, corpus_env, tmp_pa
     r = run_script({**corpus_env, "ITERATIONS": "6", "SEED": "7"}, other)
     assert r.returncode == 0, r.stderr[-4000:]
     base = exact_numbers(main_run)
-    assert set(base) >= {"final_int5_roundtrip_contiguous", "final_integrated"}
+    assert set(base) >= {"final_quant_roundtrip_contiguous", "final_integrated"}
     assert exact_numbers(same) == base
     assert train_losses(same) == train_losses(main_run)
-    assert (same / "final_model.int5.xz").read_bytes() == (main_run / "final_model.int5.xz").read_bytes()
+    assert (same / "final_model.gptq.xz").read_bytes() == (main_run / "final_model.gptq.xz").read_bytes()
     diff = exact_numbers(other)
     assert diff["final_integrated"] != base["final_integrated"]
-    assert diff["final_int5_roundtrip_contiguous"] != base["final_int5_roundtrip_contiguous"]
-    assert (other / "final_model.int5.xz").read_bytes() != (main_run / "final_model.int5.xz").read_bytes()
+    assert diff["final_quant_roundtrip_contiguous"] != base["final_quant_roundtrip_contiguous"]
+    assert (other / "final_model.gptq.xz").read_bytes() != (main_run / "final_model.gptq.xz").read_bytes()
     assert json.loads((other / "submission.json").read_text())["seed"] == 7
 
 
@@ -193,14 +193,14 @@ def test_bad_divergence(var, corpus_env, tmp_path):
     out = tmp_path / "out"
     msg = run_bad({**corpus_env, var: "1e30"}, out)
     assert "train_loss is nan" in msg and "diverged" in msg
-    assert not (out / "final_model.int5.xz").exists()
+    assert not (out / "final_model.gptq.xz").exists()
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "missing"])
 def test_bad_eval_only_artifact(kind, main_run, corpus_env, tmp_path):
-    art = tmp_path / "broken.int5.xz"
+    art = tmp_path / "broken.gptq.xz"
     if kind == "truncated":
-        blob = (main_run / "final_model.int5.xz").read_bytes()
+        blob = (main_run / "final_model.gptq.xz").read_bytes()
         art.write_bytes(blob[:len(blob) // 2])
     elif kind == "garbage":
         art.write_bytes(os.urandom(5000))

@@ -1,4 +1,4 @@
-"""The validity harness of the integrated evaluation (SPEC §0 C1-C4, §5).
+"""The validity harness of the integrated evaluation (README "Validity" and "Evaluation").
 
 In-process tests run `tg.evaluate` on a tiny noisy model over ~5,200 tokens of the embedded corpus's
 validation text followed by a repeat of its beginning (so the n-gram cache fires in later chunks), in
@@ -534,7 +534,7 @@ def artifact(corpus_env, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("main_job")
     r = run_script({**corpus_env, "ITERATIONS": "4"}, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    path = out / "final_model.int5.xz"
+    path = out / "final_model.gptq.xz"
     assert path.is_file()
     return path
 
@@ -602,7 +602,7 @@ def test_eval_only_reads_no_train_shard_content(artifact, corpus_env, eval_only_
 
 
 def test_eval_only_needs_only_the_val_shard(artifact, corpus_env, eval_only_runs, tmp_path):
-    """SPEC §0: evaluation uses no training data. A DATA_PATH holding only fineweb_val_*.bin must do."""
+    """README "Validity": evaluation uses no training data. A DATA_PATH holding only fineweb_val_*.bin must do."""
     data = tmp_path / "data"
     data.mkdir()
     for f in Path(corpus_env["DATA_PATH"]).glob("fineweb_val_*.bin"):

@@ -1,4 +1,4 @@
-"""The model (SPEC §2) against naive references written here, in float32 on the CPU."""
+"""The model (README "Model") against naive references written here, in float32 on the CPU."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Training (SPEC §3): Newton-Schulz, Parallel Muon against a plain single-process reference (one process
+"""Training (README "Training"): Newton-Schulz, Parallel Muon against a plain single-process reference (one process
 and two gloo processes), the complementary-loss bigram counts, late QAT, warm-up restore, the LR and
 momentum schedules, EMA/SWA and the wall-clock budget of a real run."""
 import math
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import ROOT, run_script, tiny_hp
 import train_gpt as tg
 
-NS = (3.4445, -4.7750, 2.0315)  # SPEC §3 quintic coefficients
+NS = (3.4445, -4.7750, 2.0315)  # README "Training" quintic coefficients
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_newton_schulz_batched_equals_per_matrix():
 # -----------------------------------------------------------------------------------------------------
 
 def ns5_ref(G, steps=5):
-    """Plain Newton-Schulz on one matrix, in bf16, as SPEC §3 describes it."""
+    """Plain Newton-Schulz on one matrix, in bf16, as README "Training" describes it."""
     a, b, c = NS
     X = G.bfloat16()
     X = X / (X.norm() + 1e-7)

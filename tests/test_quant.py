@@ -1,4 +1,4 @@
-"""Export (SPEC §4): full-Hessian GPTQ against a plain loop reference, the row grid shared with late QAT,
+"""Export (README "Export"): full-Hessian GPTQ against a plain loop reference, the row grid shared with late QAT,
 code packing, the artifact container (no pickle, loud on corruption, additive size), the width allocation
 on the real 11x512 shapes, the artifact end to end, and size accounting of a real run."""
 import hashlib
@@ -406,7 +406,7 @@ def test_artifact_size_is_additive():
 
 def test_read_artifact_file_roundtrip_and_corruption(tmp_path, monkeypatch):
     good, streams, flat = _artifact()
-    path = tmp_path / "model.int5.xz"
+    path = tmp_path / "model.gptq.xz"
     path.write_bytes(good)
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pickle")))
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("torch.load")))
@@ -635,7 +635,7 @@ def tiny_artifact(corpus, tmp_path_factory):
     q = tg.quantize_model(tg.unbanked_state_dict(model), hessians, hp, d)
     header = dict(config={k: getattr(hp, k) for k in tg.MODEL_FIELDS}, code_sha256=tg.file_sha256(tg.__file__),
                   tokenizer_sha256=hashlib.sha256(TOKENIZER_BYTES).hexdigest())
-    path = out / "final_model.int5.xz"
+    path = out / "final_model.gptq.xz"
     n_bytes = tg.write_artifact(q, header, 10 ** 9, path, lines.append)
     return hp, path, model, hessians, q, n_bytes
 
@@ -718,7 +718,7 @@ def test_run_size_accounting(main_run):
     proc, out, code_sizes = main_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "logs" / "test.txt").read_text()
-    artifact = out / "final_model.int5.xz"
+    artifact = out / "final_model.gptq.xz"
     assert artifact.is_file() and (out / "submission.json").is_file()
     code = int(re.search(r"^Code size: (\d+) bytes", log, re.M).group(1))
     total = int(re.search(r"^Total submission size: (\d+) bytes", log, re.M).group(1))
@@ -745,12 +745,12 @@ def test_run_size_accounting(main_run):
 def test_run_over_size_cap_fails_loudly(corpus_env, tmp_path):
     # An earlier run's results in the same OUTPUT_DIR must not survive to look like this run's.
     (tmp_path / "submission.json").write_text('{"val_bpb": 1.0}')
-    (tmp_path / "final_model.int5.xz").write_bytes(b"old")
+    (tmp_path / "final_model.gptq.xz").write_bytes(b"old")
     proc = run_script({**corpus_env, **RUN_OVERRIDES, "ARTIFACT_SIZE_CAP": "1000", "SIZE_MARGIN_BYTES": "0"}, tmp_path)
     assert proc.returncode != 0
     assert "ARTIFACT_SIZE_CAP" in proc.stderr and "QUANT_BITS" in proc.stderr
-    assert not (tmp_path / "final_model.int5.xz").exists()
-    assert not (tmp_path / "final_model.int5.xz.tmp").exists()
+    assert not (tmp_path / "final_model.gptq.xz").exists()
+    assert not (tmp_path / "final_model.gptq.xz.tmp").exists()
     assert not (tmp_path / "submission.json").exists()
     assert (tmp_path / "final_model.pt").is_file()
     assert "export_failed" in (tmp_path / "logs" / "test.txt").read_text()

@@ -75,7 +75,7 @@ def test_overrun_is_kept_and_marked_not_compliant(tmp_path, corpus_env):
     torch.manual_seed(0)
     model = tg.GPT(hp)
     exp = tg.export(model, hp, tg.Dist(), tg.RunLog(None), tmp_path, tg.TrainResult(3, 6.0, 1.0))
-    assert (tmp_path / "final_model.int5.xz").is_file() and (tmp_path / "final_model.pt").is_file()
+    assert (tmp_path / "final_model.gptq.xz").is_file() and (tmp_path / "final_model.pt").is_file()
     assert len(exp["problems"]) == 1 and "overrun" in exp["problems"][0]
     log = tg.RunLog(tmp_path / "logs" / "s.txt")
     tg.log_summary(log, dict(out=tmp_path, log="x", val_bpb=1.5, problems=exp["problems"], cap=hp.artifact_size_cap,
@@ -92,7 +92,7 @@ def test_summary_block_ends_the_main_job(corpus_env, tmp_path):
     tail = lines[i:]
     assert tail[1].startswith("result: val_bpb:") and tail[2].startswith("compliant: ")
     assert tail[3].startswith("bytes: artifact:") and tail[-1].startswith("files: log:")
-    assert "submission.json" in tail[-1] and "final_model.int5.xz" in tail[-1]
+    assert "submission.json" in tail[-1] and "final_model.gptq.xz" in tail[-1]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_summary_block_ends_the_main_job(corpus_env, tmp_path):
 
 def plant_previous(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    files = {"submission.json": b'{"val_bpb": 1.0}', "final_model.int5.xz": b"old artifact"}
+    files = {"submission.json": b'{"val_bpb": 1.0}', "final_model.gptq.xz": b"old artifact"}
     for name, blob in files.items():
         (out / name).write_bytes(blob)
     return files

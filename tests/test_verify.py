@@ -56,7 +56,7 @@ def tiny_run(corpus, corpus_env, tmp_path_factory) -> dict:
 
 def run_verify(tiny_run, capsys, *extra) -> tuple:
     out = tiny_run["out"]
-    code = verify.main([str(out / "final_model.int5.xz"), "--log", str(out / "logs" / "test.txt"), *extra],
+    code = verify.main([str(out / "final_model.gptq.xz"), "--log", str(out / "logs" / "test.txt"), *extra],
                        environ=tiny_run["env"])
     text = capsys.readouterr().out
     rows = {m[0].strip(): (m[1], m[2]) for m in re.findall(r"^(\w[\w ]*?)\s+(PASS|FAIL|SKIP)  (.*)$", text, re.M)}

@@ -7,7 +7,10 @@ depends only on the installed versions). One document per topic or source file; 
 once (exact duplicates removed, first occurrence wins); documents are never cut.
 
 Splits (by a hash of each document's text, not by its position, so adding a package moves no other
-document): ~2% of the documents are the validation split, the rest train. matplotlib is held out
+document): ~2% of the documents are the validation split, the rest train. Within each split the documents
+are ordered by a second hash of their text (fixed, the same for every build from the same sources), so that
+every prefix of the training stream samples every source, as FineWeb's pre-shuffled stream does; in source
+order a run shorter than an epoch would never see the later sources that the validation split holds. matplotlib is held out
 entirely: a hash-chosen sample of its documents is a second held-out text ("heldout2", another package
 that neither the model nor the tokenizer ever sees), for checking that conclusions drawn on the
 validation split carry over. The SentencePiece BPE tokenizer is trained on the train split only.
@@ -90,8 +93,13 @@ def bucket(text):
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 1000
 
 
+def shuffle_key(text):
+    """The document's place in its split: a hash of its text independent of `bucket` (salted)."""
+    return hashlib.sha256(b"order\0" + text.encode()).digest()
+
+
 def split_documents(docs):
-    """-> {"train", "val", "heldout2"}: lists of (title, text)."""
+    """-> {"train", "val", "heldout2"}: lists of (title, text), each in `shuffle_key` order."""
     splits = {"train": [], "val": [], "heldout2": []}
     for source, title, text in docs:
         if source == HELDOUT_PACKAGE:
@@ -99,7 +107,7 @@ def split_documents(docs):
                 splits["heldout2"].append((title, text))
         else:
             splits["val" if bucket(text) < VAL_PER_MILLE else "train"].append((title, text))
-    return splits
+    return {name: sorted(docs, key=lambda doc: shuffle_key(doc[1])) for name, docs in splits.items()}
 
 
 def train_tokenizer(train_docs, vocab_size):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_train  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-VAL_TOKENS_FULL = 62_021_846  # FineWeb validation split with the 1024-piece tokenizer (SPEC §0: ~62.02M)
+VAL_TOKENS_FULL = 62_021_846  # FineWeb validation split with the 1024-piece tokenizer (README "Data": ~62.02M)
 CPU_CONFIG = dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8, bigram_vocab_size=1024,
                   bigram_dim=64, ve_dim=64, xsa_last_n=2, train_seq_len=256, train_batch_tokens=8 * 4 * 256,
                   eval_seq_len=256, eval_stride=64, eval_batch_seqs=8, ttt_chunk_tokens=4096, gptq_n_samples=16)
@@ -60,7 +60,7 @@ class Report:
 
 
 def corpus_dir() -> Path:
-    out = ROOT / "data" / "embedded"
+    out = ROOT / "data" / "embedded" / "sp1024"
     subprocess.run([sys.executable, str(ROOT / "tools" / "embedded_corpus.py"), "--out", str(out)], check=True)
     return out
 
@@ -133,7 +133,7 @@ def check_export(hp: tg.Hyperparameters, d: tg.Dist, rep: Report, world: int) ->
     q = tg.quantize_model(tg.unbanked_state_dict(model), hessians, hp, d)
     tg.sync(d)
     gptq = time.perf_counter() - t0
-    out = Path(tempfile.mkdtemp()) / "final_model.int5.xz"
+    out = Path(tempfile.mkdtemp()) / "final_model.gptq.xz"
     t0 = time.perf_counter()
     header = dict(config={k: getattr(hp, k) for k in tg.MODEL_FIELDS}, code_sha256=tg.file_sha256(tg.__file__),
                   tokenizer_sha256=tg.file_sha256(hp.tokenizer_path))

@@ -56,7 +56,7 @@ def draw(series: dict, path: Path) -> None:
     if series["val"]:
         ax[0, 1].plot([v[3] for v in series["val"]], [v[2] for v in series["val"]], "o-", label="val BPB (live weights)")
     for name, (_, bpb) in series["final"].items():
-        ax[0, 1].axhline(bpb, ls="--", lw=1, color={"final_int5_roundtrip": "C1", "final_integrated": "C2"}.get(name, "C3"),
+        ax[0, 1].axhline(bpb, ls="--", lw=1, color={"final_quant_roundtrip": "C1", "final_int5_roundtrip": "C1", "final_integrated": "C2"}.get(name, "C3"),
                          label=f"{name} {bpb:.4f}")
     ax[0, 1].set(xlabel="train time (s)", ylabel="bits per byte", title="validation BPB")
     if ax[0, 1].get_legend_handles_labels()[0]:

@@ -1,4 +1,4 @@
-"""Prove an artifact's score valid: one command for contest reviewers (SPEC §6).
+"""Prove an artifact's score valid: one command for contest reviewers (README "Reviewers").
 
     ./run.sh verify ARTIFACT [--submission submission.json] [--log logs/RUN.txt] [--tokens N]
                              [--script train_gpt.py] [--nproc P] [--tol 1e-6]
@@ -17,7 +17,7 @@ and one table of checks, exiting 1 if any fails:
   log source      the source embedded in the log is the verified script (with --log)
   score           the base run's final_integrated_exact val_bpb equals the log's / submission.json's
   BPB from dump   sum(mixed_nll) / ln 2 / sum(bytes) from the dump equals the printed val_bpb
-  bytes           the dump's per-target bytes equal the tokenizer's (SPEC §1 rule, recomputed here)
+  bytes           the dump's per-target bytes equal the tokenizer's (README "Data" rule, recomputed here)
   C4 once         times_scored == 1 for every target
   C1 causal       cut run: every target before the cut is bit-identical (model_nll, mixed_nll, order,
                   alpha, and audit_p rows): scores, cache state and weights do not see the future
@@ -232,7 +232,7 @@ def check_bpb(base: dict, tol: float) -> tuple:
 
 
 def tokenizer_bytes(tokenizer_path: str, tokens: np.ndarray) -> np.ndarray:
-    """Bytes each target adds (SPEC §1): UTF-8 length of its piece without one leading '▁', byte pieces 1,
+    """Bytes each target adds (README "Data"): UTF-8 length of its piece without one leading '▁', byte pieces 1,
     control/unknown/unused 0, plus 1 for a leading '▁' unless the previous token is one of those."""
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
