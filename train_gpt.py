@@ -141,6 +141,7 @@ class Hyperparameters:
     eval_batch_seqs: int = 32
     eval_budget_seconds: float = 600.0
     eval_dump_path: str = ""              # .npz of per-target arrays for audits
+    eval_audit_path: str = ""             # .npy of target positions whose full distributions the dump holds
     eval_learned_mix: bool = True         # fit the n-gram escape weights and temperature on scored chunks
     ttt_enabled: bool = True
     ttt_chunk_tokens: int = 65536
@@ -242,6 +243,7 @@ class Hyperparameters:
              f"must be < {2 ** NGramCache.ORDER_BITS} (the order field of the cache keys)")
         need(not self.eval_dump_path or Path(self.eval_dump_path).resolve().parent.is_dir(), "EVAL_DUMP_PATH",
              "its folder must exist")
+        need(not self.eval_audit_path or Path(self.eval_audit_path).is_file(), "EVAL_AUDIT_PATH", "no such file")
 
 def _parse_list(parse) -> tuple:
     try:
@@ -1656,9 +1658,18 @@ class Scored:
     audit_pos: torch.Tensor  # (A,) audited target positions in this rank's share
     audit_rows: torch.Tensor  # (A, V) full model log-probabilities there
 
-def audit_positions(n_tokens: int, k: int) -> torch.Tensor:
-    """K target positions spread evenly over the whole pass, chosen from positions only (never tokens)."""
-    return torch.linspace(1, n_tokens - 1, min(k, n_tokens - 1)).round().long().unique()
+def audit_positions(n_tokens: int, k: int, path: str = "") -> torch.Tensor:
+    """The audited targets: those listed in `path` (an .npy chosen by a reviewer, e.g. tools/verify.py at random),
+    else K positions spread evenly over the whole pass; from positions only, never from tokens."""
+    if not path:
+        return torch.linspace(1, n_tokens - 1, min(k, n_tokens - 1)).round().long().unique()
+    try:
+        pos = torch.from_numpy(np.load(path).astype(np.int64).reshape(-1)).unique()
+    except (OSError, ValueError) as e:
+        raise GolfError(f"EVAL_AUDIT_PATH={path!r}: not an .npy of target positions ({e})") from None
+    if pos.numel() and (pos.min() < 1 or pos.max() > n_tokens - 1):
+        raise GolfError(f"EVAL_AUDIT_PATH={path!r}: positions must be targets 1..{n_tokens - 1}")
+    return pos
 
 @torch.no_grad()
 def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Tensor, hp: Hyperparameters,
@@ -1668,8 +1679,8 @@ def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Te
     for b in range(0, windows.size(0), B):
         w = windows[b:b + B]
         n, length = w.size(0), int(w[0, 2] - w[0, 0])
-        if d.is_cuda and n < B:  # fixed shapes for the compiled forward
-            w = torch.cat([w, w[-1:].expand(B - n, 3)])
+        if n < B:  # fixed shapes: for the compiled forward, and so a row's result never depends on the batch
+            w = torch.cat([w, w[-1:].expand(B - n, 3)])  # (a shorter text scores its earlier targets bit-identically)
         start, lo = w[:, 0].to(d.device), w[:, 1].to(d.device)
         idx = start[:, None] + torch.arange(length, device=d.device)  # (B, T) input positions
         with autocast(d):
@@ -1881,17 +1892,19 @@ def ngram_stats(cache: NGramCache | None, tokens: torch.Tensor, pos: torch.Tenso
 def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tensor, sc: Scored,
                 mixed: torch.Tensor) -> tuple:
     """Materialize the full mixed distribution at the audited targets. Returns ([max |sum p - 1|, -min p,
-    max |log p[target] - scored log p|, count mismatches] (all should be ~0), the (A, V) distributions)."""
+    max |log p[target] - scored log p|, count mismatches] (all should be ~0), the (A, V) distributions, the
+    (A, K) escape multipliers they were mixed with)."""
     i = torch.nonzero(torch.isin(sc.pos, sc.audit_pos)).flatten()  # same order as audit_pos
     V = sc.audit_rows.size(1)
     C, c, u = ngram_stats(cache, tokens, sc.audit_pos, torch.arange(V, device=tokens.device).expand(i.numel(), V))
     mismatch = (c.sum(-1) != C).sum().double()  # sum_v count(ctx, v) must equal count(ctx)
+    beta = mixer.beta(sc.entropy[i]).detach()
     logp, _ = mixer.mix(sc.audit_rows, sc.entropy[i], C, c, u)
     p = logp.exp()
     target_err = (logp.gather(1, tokens[sc.audit_pos][:, None]).squeeze(1) - mixed[i]).abs()
     zero = torch.zeros(1, dtype=torch.float64, device=tokens.device)
     return torch.stack([torch.cat([(p.sum(1) - 1).abs(), zero]).max(), torch.cat([-p.flatten(), zero]).max(),
-                        torch.cat([target_err, zero]).max(), mismatch]), p
+                        torch.cat([target_err, zero]).max(), mismatch]), p, beta.T
 
 class TestTimeTrainer:
     """LoRA TTT (PR #850; score-first: PR #461) on the q and v projections of the last TTT_LAST_N blocks: after
@@ -1967,11 +1980,12 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
     hidden_fn = torch.compile(model.hidden, dynamic=False) if d.is_cuda else model.hidden
     sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # model nll, mixed nll, bytes, targets
     audit = torch.zeros(4, dtype=torch.float64, device=d.device)
-    audit_pos = audit_positions(N, hp.ngram_audit_positions).to(d.device)
+    audit_pos = audit_positions(N, hp.ngram_audit_positions, hp.eval_audit_path).to(d.device)
     dump = {k: torch.zeros(N - 1, dtype=torch.float64, device=d.device)
             for k in ("model_nll", "mixed_nll", "bytes", "order", "alpha", "times_scored")} if dump_path else None
-    if dump is not None:
-        dump["audit_p"] = torch.zeros(audit_pos.numel(), hp.vocab_size, dtype=torch.float64, device=d.device)
+    if dump is not None:  # at the audited targets: the mixed and the model's distributions, the escape multipliers
+        for k, width in (("audit_p", hp.vocab_size), ("audit_model_p", hp.vocab_size), ("audit_beta", mixer.K)):
+            dump[k] = torch.zeros(audit_pos.numel(), width, dtype=torch.float64, device=d.device)
     timer = PhaseTimer(d)
     last_log = time.perf_counter()
     bounds = torch.searchsorted(chunk_of, torch.arange(n_chunks + 1))
@@ -1986,13 +2000,13 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             stats = ngram_stats(cache, tokens, sc.pos)
             mixed, alpha = mixer.mix(sc.logp, sc.entropy, *stats)
         with timer("audit"):
-            errs, p_audit = ngram_audit(cache, mixer, tokens, sc, mixed)
+            errs, p_audit, beta_audit = ngram_audit(cache, mixer, tokens, sc, mixed)
             audit = torch.maximum(audit, errs)
         count = torch.tensor(float(sc.pos.numel()), device=d.device, dtype=torch.float64)
         chunk_sums = torch.stack([-sc.logp.sum(), -mixed.sum(), n_bytes.sum(), count])
         sums += all_reduce(chunk_sums)
         if dump is not None:
-            record_dump(dump, sc, mixed, n_bytes, stats[0], alpha, cache, audit_pos, p_audit)
+            record_dump(dump, sc, mixed, n_bytes, stats[0], alpha, cache, audit_pos, p_audit, beta_audit)
         lo, hi = int(wins[0, 1]), int(wins[-1, 2])  # this chunk's targets, on every rank
         with timer("learn_mix"):  # after scoring: the fitted values are used from the next chunk on
             mixer.observe(sc, *stats)
@@ -2016,7 +2030,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
     if dump is not None:
-        save_dump(dump, dump_path, d, audit_pos)
+        save_dump(dump, dump_path, d, audit_pos, cache.orders if cache else [])
     model_nll, mixed_nll, n_bytes, n = sums.tolist()
     log(f"{label}_phases: " + " ".join(f"{k}:{v:.2f}s" for k, v in timer.seconds.items()))
     return EvalResult(model_nll / n, bits_per_byte(model_nll, n_bytes), mixed_nll / n, bits_per_byte(mixed_nll, n_bytes),
@@ -2037,7 +2051,7 @@ class PhaseTimer:
         sync(self.d)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
-def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_pos, p_audit) -> None:
+def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_pos, p_audit, beta_audit) -> None:
     i = sc.pos - 1
     dump["model_nll"][i] = -sc.logp
     dump["mixed_nll"][i] = -mixed
@@ -2048,13 +2062,15 @@ def record_dump(dump: dict, sc: Scored, mixed, n_bytes, C, alpha, cache, audit_p
         orders = torch.tensor(cache.orders, device=C.device, dtype=torch.float64)[:, None]
         dump["order"][i] = torch.where(seen, orders, 0.0).amax(0)
     dump["alpha"][i] = alpha
-    dump["audit_p"][torch.searchsorted(audit_pos, sc.audit_pos)] = p_audit
+    rows = torch.searchsorted(audit_pos, sc.audit_pos)
+    dump["audit_p"][rows], dump["audit_model_p"][rows], dump["audit_beta"][rows] = p_audit, sc.audit_rows.exp(), beta_audit
 
-def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor) -> None:
-    """Per-target arrays (index t-1 = target t) and audit_p, summed over ranks (targets are disjoint),
-    saved by rank 0 with audit_pos."""
+def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor, orders: list) -> None:
+    """Per-target arrays (index t-1 = target t) and the audit rows, summed over ranks (targets are disjoint),
+    saved by rank 0 with audit_pos and the n-gram orders (highest first, the columns of audit_beta)."""
     arrays = {k: all_reduce(v).cpu().numpy() for k, v in dump.items()}
     arrays["audit_pos"] = audit_pos.cpu().numpy()
+    arrays["orders"] = np.array(orders, dtype=np.int64)
     if d.is_main:
         np.savez_compressed(path, **arrays)
 
