@@ -10,6 +10,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 mode="${1:-main}"
+usage="usage: ./run.sh [main|test|gpu-check|seeds SEED... [--ref-mean M --ref-std S --ref-n N]|verify ARTIFACT [options: ./run.sh verify --help]]"
+case "$mode" in
+    -h|--help|help) sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; echo "$usage"; exit 0 ;;
+    main|test|gpu-check|seeds|verify) ;;
+    *) echo "$usage" >&2; exit 2 ;;
+esac
 
 # Use the current Python if it already has the dependencies (e.g. a GPU host with its own CUDA torch);
 # otherwise install requirements.txt into .venv (the pinned torch is the CPU build on this project's machines).
@@ -65,16 +71,19 @@ embedded_settings() {
 
 select_job() {
     # Sets `launch`: the submitted run under torchrun when there are CUDA GPUs and FineWeb shards,
-    # otherwise the embedded corpus (built here) with the small configuration.
+    # otherwise the embedded corpus (built here) with the small configuration. Either way the script run is the
+    # submitted form of train_gpt.py (tools/pack_code.py: the compressed self-extracting file the contest counts).
+    "$python_bin" tools/pack_code.py --out build/train_gpt.py
+    local script=build/train_gpt.py
     local data="${DATA_PATH:-./data/datasets/fineweb10B_sp$vocab}"
     if [ "$gpus" -gt 0 ] && ls "$data"/fineweb_train_*.bin >/dev/null 2>&1; then
         echo "run.sh: $gpus CUDA GPU(s) and FineWeb shards in $data: the submitted run on $nproc GPU(s)"
-        launch="$python_bin -m torch.distributed.run --standalone --nproc_per_node=$nproc train_gpt.py"
+        launch="$python_bin -m torch.distributed.run --standalone --nproc_per_node=$nproc $script"
     else
         echo "run.sh: no CUDA GPU or no shards in $data: embedded corpus, small configuration"
         "$python_bin" tools/embedded_corpus.py --out "$corpus" --vocab-size "$vocab"
         embedded_settings
-        launch="$python_bin train_gpt.py"
+        launch="$python_bin $script"
     fi
 }
 
@@ -99,5 +108,4 @@ case "$mode" in
     gpu-check) exec "$python_bin" tools/gpu_check.py "${@:2}" ;;
     seeds) select_job; exec "$python_bin" tools/seeds.py --launch "$launch" "${@:2}" ;;
     verify) exec "$python_bin" tools/verify.py --nproc "$nproc" --base-dir "$OLDPWD" "${@:2}" ;;
-    *) echo "usage: ./run.sh [main|test|gpu-check|seeds SEED... [--ref-mean M --ref-std S --ref-n N]|verify ARTIFACT [--submission S] [--log L] [--tokens N]]" >&2; exit 2 ;;
 esac

@@ -27,13 +27,17 @@ import copy
 import dataclasses
 import datetime
 import glob
+import base64
 import hashlib
+import io
 import json
 import lzma
 import math
 import os
 import platform
+import signal
 import struct
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +77,8 @@ class Hyperparameters:
     dist_timeout_seconds: float = 300.0   # a collective waiting longer than this ends the run (a rank died)
     run_id: str = ""                      # empty: derived from the start time and SEED
     output_dir: str = "."                 # final_model.pt, final_model.gptq.xz, submission.json, logs/
+    submission_author: str = ""           # submission.json's author; empty: git config user.name
+    github_id: str = ""                   # submission.json's github_id; empty: git config github.user
     data_label: str = ""                  # what the data is (log, submission.json); empty: fineweb10B_sp{VOCAB_SIZE}
     # --- model (README "Model") ---
     num_layers: int = 11
@@ -132,6 +138,7 @@ class Hyperparameters:
     gptq_percdamp: float = 0.01
     gptq_clip_levels: str = "1.0,0.96,0.92,0.88,0.84"
     quant_bits: str = "4,5,6"             # widths a block matrix may get; int5 (late QAT's grid) is the start
+    embed_bits: int = 8                   # the tied embedding's start and widest width (GPTQ); it may go 2 lower
     artifact_size_cap: int = 16_000_000
     size_margin_bytes: int = 2048         # left under the cap: room to fix a comment in the code after a run
     # --- evaluation (README "Evaluation") ---
@@ -164,9 +171,11 @@ class Hyperparameters:
                 object.__setattr__(self, name, default)
 
     @classmethod
-    def from_env(cls, env) -> "Hyperparameters":
-        hp = cls(**{f.name: _parse_setting(f.name.upper(), env[f.name.upper()], f.type)
-                    for f in fields(cls) if f.name.upper() in env})
+    def from_env(cls, env, recorded: dict | None = None) -> "Hyperparameters":
+        """The settings from the environment; those it does not set come from `recorded` (an artifact's
+        EVAL_FIELDS under EVAL_ONLY), then from the defaults."""
+        hp = cls(**{**(recorded or {}), **{f.name: _parse_setting(f.name.upper(), env[f.name.upper()], f.type)
+                                           for f in fields(cls) if f.name.upper() in env}})
         hp.validate()
         return hp
 
@@ -193,10 +202,14 @@ class Hyperparameters:
     def bit_widths(self) -> tuple:
         return tuple(sorted({int(x) for x in self.quant_bits.split(",")}))
 
+    def embed_widths(self) -> tuple:
+        return tuple(range(max(2, self.embed_bits - 2), self.embed_bits + 1))
+
     def validate(self) -> None:
         def need(ok: bool, var: str, why: str) -> None:
             if not ok:
                 raise GolfError(f"{var}={getattr(self, var.lower())!r} is invalid: {why}")
+        need(self.output_dir.strip() != "", "OUTPUT_DIR", "must name a folder (. for the current one)")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in (int, float) and f.name != "seed":
@@ -221,6 +234,9 @@ class Hyperparameters:
         need(self.head_dim % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM / NUM_HEADS) must be even")
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS", "must be even and <= head dim")
         need(self.mlp_hidden >= 1, "MLP_MULT", "MLP hidden width must be >= 1")
+        need(self.logit_softcap > 0, "LOGIT_SOFTCAP", "must be > 0 (logits are softcap * tanh(z / softcap))")
+        need(8 * self.train_seq_len <= self.train_batch_tokens, "TRAIN_SEQ_LEN",
+             f"must be <= TRAIN_BATCH_TOKENS / 8 = {self.train_batch_tokens // 8} (one sequence per micro-batch and rank)")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "need 0 (no BigramHash) or at least 2 buckets")
         need(self.train_batch_tokens % (8 * self.train_seq_len) == 0, "TRAIN_BATCH_TOKENS",
              "must be a positive multiple of 8 * TRAIN_SEQ_LEN (8 micro-batches per step)")
@@ -232,6 +248,7 @@ class Hyperparameters:
         levels, widths = (_parse_list(fn) for fn in (self.clip_levels, self.bit_widths))
         need(1.0 in levels and all(0 < c <= 1 for c in levels), "GPTQ_CLIP_LEVELS",
              "must be a comma list of numbers in (0, 1] including 1.0 (the grid of a row late QAT converged)")
+        need(2 <= self.embed_bits <= 8, "EMBED_BITS", "must be in 2..8")
         need(BASE_BITS in widths and all(2 <= b <= 8 for b in widths), "QUANT_BITS",
              f"must be a comma list of widths in 2..8 including {BASE_BITS} (late QAT's grid)")
         need(self.size_margin_bytes < self.artifact_size_cap, "SIZE_MARGIN_BYTES", "must be < ARTIFACT_SIZE_CAP")
@@ -262,6 +279,10 @@ def _parse_setting(name: str, text: str, kind: type):
     except ValueError:
         raise GolfError(f"{name}={text!r} is not a valid {kind.__name__}") from None
 
+# What an evaluation reads: recorded in the artifact, so that EVAL_ONLY scores it as its run did.
+EVAL_FIELDS = ("seed", "eval_seq_len", "eval_stride", "eval_batch_seqs", "eval_budget_seconds", "eval_learned_mix",
+               "ttt_enabled", "ttt_chunk_tokens", "ttt_temperature", "ttt_lora_rank", "ttt_last_n", "ttt_lr", "ttt_steps",
+               "ttt_grad_clip", "ngram_enabled", "ngram_eval_order", "ngram_eval_min_order", "ngram_audit_positions")
 # What the artifact must record to rebuild the network.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "ve_dim", "ve_last_n",
@@ -320,10 +341,11 @@ def sync(d: Dist) -> None:
         torch.cuda.synchronize(d.device)
 
 class RunLog:
-    """Rank-0 log: `key:value` lines to stdout and to logs/<RUN_ID>.txt."""
+    """Rank-0 log: `key:value` lines to stdout and to logs/<RUN_ID>.txt. A log file that cannot be written (a
+    full disk) is said once on stderr; the run goes on, printing to the console only."""
 
     def __init__(self, path: Path | None):
-        self.path = path
+        self.path, self.file_ok = path, True
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
@@ -331,10 +353,33 @@ class RunLog:
     def __call__(self, msg: str, console: bool = True) -> None:
         if self.path is None:
             return
-        if console:
+        if console or not self.file_ok:
             print(msg, flush=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(msg + "\n")
+        if not self.file_ok:
+            return
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+        except OSError as e:
+            self.file_ok = False
+            print(f"warning: the run log {self.path} cannot be written ({e.strerror or e}); console only from here",
+                  file=sys.stderr, flush=True)
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to <path>.tmp, then rename: a reader never sees a half-written file, and on failure (a full disk)
+    the partial .tmp is removed and the OSError names the path."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or a job scheduler's share), not the
+    machine's count, which os.cpu_count() reports."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 def describe_environment(d: Dist) -> list[str]:
     import sentencepiece
@@ -342,7 +387,7 @@ def describe_environment(d: Dist) -> list[str]:
     return [f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
             f"sentencepiece:{sentencepiece.__version__} fa3:{_fa3_func is not None}",
             f"hardware: device:{d.device.type} gpu:{gpu.replace(' ', '_')} world_size:{d.world_size} "
-            f"cpus:{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}"]
+            f"cpus:{usable_cpus()}/{os.cpu_count()} host:{platform.node()} platform:{platform.platform()}"]
 
 
 # ==================== Data and BPB accounting ========================================================
@@ -393,7 +438,7 @@ def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
     top = torch.full((len(files),), -1.0, dtype=torch.float64)
     scan = lambda i: float(np.memmap(files[i], dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4,
                                      shape=(counts[i],)).max()) if counts[i] else -1.0
-    with ThreadPoolExecutor(max(1, min(8, len(mine)))) as pool:
+    with ThreadPoolExecutor(max(1, min(usable_cpus(), len(mine)))) as pool:
         top[mine] = torch.tensor(list(pool.map(scan, mine)), dtype=torch.float64)
     top = all_reduce(top.to(d.device), "max").cpu()
     for path, m in zip(files, top.tolist()):
@@ -552,42 +597,40 @@ def fake_quant_int5(W: torch.Tensor, clip_levels: tuple = (1.0,)) -> torch.Tenso
     return Wq.to(W.dtype) + (W - W.detach())  # value exactly Wq; gradient exactly identity
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim: the
-    FlashAttention kernel picked by `configure_attention` on CUDA, else PyTorch SDPA with native GQA (each
-    KV head serves its query heads without being copied: 1% faster than copying them, H200)."""
-    if _flash_kernel is not None and q.is_cuda:
-        return _flash_kernel(q.bfloat16(), k.bfloat16(), v.bfloat16()).to(q.dtype)
+    """(B, T, H, D) queries, (B, T, Hkv, D) keys/values -> (B, T, H, D). The one attention shim: FlashAttention-3
+    when `configure_attention` chose it, else PyTorch SDPA with native GQA (each KV head serves its query heads
+    without being copied: 1% faster than copying them, H200)."""
+    if _use_fa3 and q.is_cuda:
+        out = _fa3_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)  # some builds also return the log-sum-exp
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
-_flash_kernel = None  # a FlashAttention kernel (q, k, v) -> out in (B, T, heads, D), set by configure_attention
+_use_fa3 = False  # set by configure_attention (ATTN_BACKEND=fa3)
 SDPA_ORDER = ("cudnn", "flash", "efficient", "math")  # SDPA's backends, fastest first on H100
 _SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
-def _fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = _fa3_func(q, k, v, causal=True)
-    return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
-
 def configure_attention(hp: Hyperparameters, d: Dist) -> str:
-    """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: FA3 if
-    installed, else SDPA with its backend order set to cuDNN > flash > efficient > math (torch 2.9
-    tries FA2 first on H100, 1.7-2.3x slower than cuDNN: README "GPU measurements"); ATTN_BACKEND forces one. For SDPA
-    the name is its own choice for the training shapes (`_fused_sdp_choice`, what its dispatch calls)."""
-    global _flash_kernel
-    want, dtype, _flash_kernel = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, None
+    """Choose the attention kernel before anything is compiled; returns its name for the log. On CUDA: SDPA with
+    its backend order set to cuDNN > flash > efficient > math (torch 2.9 tries FA2 first on H100, 1.7-2.3x slower
+    than cuDNN: README "GPU measurements"); ATTN_BACKEND forces one, or FA3, which `auto` never picks (no
+    committed log has measured it). For SDPA the name is its own choice for the training shapes
+    (`_fused_sdp_choice`, what its dispatch calls)."""
+    global _use_fa3
+    want, dtype, _use_fa3 = hp.attn_backend, torch.bfloat16 if d.is_cuda else torch.float32, False
     q = torch.randn(1, hp.train_seq_len, hp.num_heads, hp.head_dim, device=d.device, dtype=dtype, requires_grad=True)
     kv = torch.randn(1, hp.train_seq_len, hp.num_kv_heads, hp.head_dim, device=d.device, dtype=dtype)
-    if d.is_cuda and want in ("auto", "fa3") and _fa3_func is not None:
-        try:
-            _fa3_attention(q, kv, kv).sum().backward()  # raises if unable to run these shapes
-            _flash_kernel = _fa3_attention
-            return "fa3"
-        except Exception as e:  # noqa: BLE001  any failure of an optional kernel means: not this one
-            if want == "fa3":
-                raise GolfError(f"ATTN_BACKEND=fa3: cannot run here ({type(e).__name__}: {e})") from None
     if want == "fa3":
-        raise GolfError("ATTN_BACKEND=fa3: FlashAttention-3 (flash_attn_interface) is not installed or there is no GPU")
+        if not (d.is_cuda and _fa3_func is not None):
+            raise GolfError("ATTN_BACKEND=fa3: FlashAttention-3 (flash_attn_interface) is not installed or there is no GPU")
+        try:
+            _use_fa3 = True
+            causal_attention(q, kv, kv).sum().backward()  # raises if unable to run these shapes
+        except Exception as e:  # noqa: BLE001  any failure of an optional kernel means: not this one
+            _use_fa3 = False
+            raise GolfError(f"ATTN_BACKEND=fa3: cannot run here ({type(e).__name__}: {e})") from None
+        return "fa3"
     order = [int(getattr(SDPBackend, _SDPA_ENUM[b])) for b in SDPA_ORDER]
     if d.is_cuda:
         for b, flag in zip(SDPA_ORDER, ("cudnn", "flash", "mem_efficient", "math")):
@@ -754,6 +797,7 @@ class SmearGate(nn.Module):
 
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")  # AdamW at EMBED_LR; int8 rows
+TIED_EMBED = "tok_emb"  # the tied embedding: GPTQ at EMBED_BITS with the output head's Hessian, a width like a block's
 
 class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
@@ -990,7 +1034,9 @@ class BigramCounter:
 
     def __init__(self, vocab_size: int, alpha: float, device: torch.device):
         self.V, self.alpha = vocab_size, alpha
-        self.pair = torch.zeros(vocab_size * vocab_size, dtype=torch.int64, device=device)
+        # int32 pair counts: V^2 * 4 bytes per rank (4 MiB at V=1024, 256 MiB at 8192); a single bigram stays
+        # below 2^31 over a whole run (~5e9 training tokens, the most frequent bigram ~1-2% of them)
+        self.pair = torch.zeros(vocab_size * vocab_size, dtype=torch.int32, device=device)
         self.prev = torch.zeros(vocab_size, dtype=torch.int64, device=device)
 
     def weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1003,7 +1049,7 @@ class BigramCounter:
         for tokens in chunks:
             prev, tgt = tokens[:-1], tokens[1:]
             ones = torch.ones_like(prev)  # index_add_, unlike bincount, needs no host sync on CUDA
-            self.pair.index_add_(0, prev * self.V + tgt, ones)
+            self.pair.index_add_(0, prev * self.V + tgt, ones.int())
             self.prev.index_add_(0, prev, ones)
 
 def lr_multiplier(progress: float, warmdown_frac: float) -> float:
@@ -1129,6 +1175,7 @@ class TrainResult:
     steps: int
     train_seconds: float
     export_estimate: float = 0.0  # what the stop rule reserved for calibration + export (0: step-based run)
+    interrupted: int = 0          # the signal that stopped training (0: none)
 
 def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
     """Warm-up undone before the clock (the contest's baseline): compile every variant (plain and late-QAT),
@@ -1194,18 +1241,32 @@ class BudgetPlan:
 
 EXPORT_SAFETY = 1.5  # measured export time x this (a loaded machine or bigger final weights): see BudgetPlan
 
+def trained_scale_copy(model: GPT, seed: int) -> tuple:
+    """A copy of the model whose block matrices are Gaussian noise at an orthogonal matrix's RMS (1/sqrt(cols)):
+    trained weights have no zero matrices and high-entropy codes, which LZMA compresses far more slowly than
+    the initial weights, 43% of whose block entries are zero (output projections). Returns (copy, the zero
+    fraction of the initial and of the copy's block matrices)."""
+    probe, gen = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    zero = lambda m: sum(int((getattr(m, n) == 0).sum()) for n in BANKS) / sum(getattr(m, n).numel() for n in BANKS)
+    with torch.no_grad():
+        for name in BANKS:
+            W = getattr(probe, name)
+            W.copy_(torch.randn(W.shape, generator=gen) / math.sqrt(W.size(-1)))
+    return probe, zero(model), zero(probe)
+
 def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
-    """Measure calibration + export on the current (initial) weights into a scratch folder, before the
-    clock: the same code the run ends with, at this model size and world size."""
+    """Measure calibration + export before the clock, on weights at trained scale (`trained_scale_copy`), into a
+    scratch folder: the same code the run ends with, at this model size and world size."""
     hp, d = trainer.hp, trainer.d
     if hp.max_wallclock_seconds <= 0:
         return None
+    probe, zero_init, zero_probe = trained_scale_copy(trainer.model, hp.seed)
     scratch = Path(hp.output_dir) / f".export_probe_{os.getpid()}"
     if d.is_main:  # only rank 0 writes (the checkpoint and the artifact)
         scratch.mkdir(exist_ok=True)
     try:
         t0 = time.perf_counter()
-        export(trainer.model, hp, d, RunLog(None), scratch, TrainResult(0, 0.0))
+        export(probe, hp, d, RunLog(None), scratch, TrainResult(0, 0.0))
         measured = time.perf_counter() - t0
         sync(d)
         measured = float(all_reduce(torch.tensor([measured], dtype=torch.float64, device=d.device), "max").item())
@@ -1215,8 +1276,10 @@ def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
             for p in scratch.iterdir():
                 p.unlink()
             scratch.rmdir()
+    del probe
     plan = BudgetPlan(hp.max_wallclock_seconds, max(hp.export_reserve_seconds, EXPORT_SAFETY * measured))
-    log(f"budget_plan: export_probe:{measured:.1f}s export_estimate:{plan.export_estimate:.1f}s "
+    log(f"budget_plan: export_probe:{measured:.1f}s probe_zero_frac:{zero_probe:.3f} (initial weights "
+        f"{zero_init:.3f}) export_estimate:{plan.export_estimate:.1f}s "
         f"(max of EXPORT_RESERVE_SECONDS={hp.export_reserve_seconds:g} and {EXPORT_SAFETY} x probe) "
         f"train_share:{plan.train_share():.1f}s limit:{hp.max_wallclock_seconds:g}s")
     if plan.train_share() < 0.05 * hp.max_wallclock_seconds:
@@ -1234,7 +1297,8 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     averager = WeightAverager(trainer.model, hp)
     clock = SharedClock(d)
     step, loss, val_s, last_log = 0, torch.zeros((), device=d.device), 0.0, -1.0
-    shared = [0.0, 0.0, 0.0]  # [training seconds, last step's seconds, steps] agreed by all ranks, a step late
+    shared = [0.0, 0.0, 0.0, 0.0]  # [training seconds, last step's seconds, steps, stop signal] agreed by all ranks,
+    # a step late
     stop_reason, t_prev = "iterations", start
     while step < hp.iterations:
         train_s = shared[0]
@@ -1242,13 +1306,16 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
         if plan and plan.predicted_end(train_s, shared[1]) > plan.limit:
             stop_reason = "predicted_budget"
             break
+        if shared[3]:
+            stop_reason = f"signal_{signal.Signals(int(shared[3])).name}"
+            break
         lr_mult = lr_multiplier(min(progress, 1.0), hp.warmdown_frac)
         qat = progress >= hp.late_qat_frac
         loss = trainer.step(loader, counter, lr_mult, muon_momentum_at(step, hp), qat)
         step += 1
         averager.update(step, lr_mult)
         now = time.perf_counter()
-        clock.post([now - start - val_s, now - t_prev, float(step)])
+        clock.post([now - start - val_s, now - t_prev, float(step), float(StopSignal.received)])
         t_prev = now
         shared = clock.read() or shared
         if step % hp.train_log_every == 0 or step == hp.iterations or shared[0] - last_log > 20:
@@ -1262,6 +1329,8 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
             val_s += time.perf_counter() - t0
             t_prev = time.perf_counter()
     check_finite(all_reduce(loss.detach().clone(), "avg").item(), step)
+    if shared[3]:
+        log(f"training_stopped: {stop_reason} at step {step}: finishing the weights, checkpoint and artifact")
     log(f"weight_averaging: {averager.apply_final()}")
     sync(d)
     train_s = time.perf_counter() - start - val_s
@@ -1269,7 +1338,7 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
         log(f"budget_prediction: stop:{stop_reason} step:{step}/{hp.iterations} train_time:{train_s:.1f}s "
             f"step_estimate:{shared[1]:.2f}s export_estimate:{plan.export_estimate:.1f}s "
             f"predicted_total:{train_s + plan.export_estimate:.1f}s limit:{plan.limit:g}s")
-    return TrainResult(step, train_s, plan.export_estimate if plan else 0.0)
+    return TrainResult(step, train_s, plan.export_estimate if plan else 0.0, int(shared[3]))
 
 def check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
@@ -1440,7 +1509,7 @@ def deserialize_artifact(blob: bytes) -> tuple:
     if off + sum(lengths) != len(blob):
         raise ValueError(f"{len(blob)} bytes, the header says {off + sum(lengths)}")
     ends = np.cumsum((off,) + lengths).tolist()
-    with ThreadPoolExecutor(8) as pool:  # LZMA releases the GIL
+    with ThreadPoolExecutor(usable_cpus()) as pool:  # LZMA releases the GIL
         parts = pool.map(decode_stream, header["streams"], [blob[a:b] for a, b in zip(ends, ends[1:])])
         return header, {k: v for part in parts for k, v in part.items()}
 
@@ -1483,17 +1552,19 @@ def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | 
         widths = sorted(t["bits"] for s in header["streams"][1:] for t in s)
         log(f"artifact_loaded: {path} config:{json.dumps(config, separators=(',', ':'))} matrix_bits:"
             f"{','.join(f'int{b}x{widths.count(b)}' for b in sorted(set(widths)))} code_sha256:"
-            f"{header['code_sha256'][:16]} same_code:{header['code_sha256'] == file_sha256(__file__)}")
+            f"{header['code_sha256'][:16]} same_code:{header['code_sha256'] == code_identity()[2]}")
     return model
 
 @torch.no_grad()
 def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
     """H = mean x^T x of every block matrix's input over GPTQ_N_SAMPLES training sequences, identical on
-    all ranks (each rank takes a share, then one all-reduce). q/k/v share one input, so one H."""
+    all ranks (each rank takes a share, then one all-reduce). q/k/v share one input, so one H. The tied
+    embedding is quantized as the output head it also is: its H is that of the final hidden states (PR #1394)."""
     sources = {f"blocks.{i}.{key}": block.get_submodule(key) for i, block in enumerate(model.blocks)
                for key in ("attn.c_q", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     C = {name: W.size(1) for name, W in block_matrices(model).items()}
-    H = {name: torch.zeros(C[name], C[name], device=d.device) for name in sources}
+    C[TIED_EMBED] = model.hp.model_dim
+    H = {name: torch.zeros(C[name], C[name], device=d.device) for name in [*sources, TIED_EMBED]}
 
     def hook(name):
         def fn(module, args):
@@ -1511,7 +1582,8 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
         for s in range(lo, hi, batch):
             x = tokens[s * seq:min(hi, s + batch) * seq].view(-1, seq).to(d.device, dtype=torch.int64)
             with autocast(d):
-                model.hidden(x)
+                h = model.hidden(x).detach().reshape(-1, model.hp.model_dim).float()
+            H[TIED_EMBED].addmm_(h.T, h)
     finally:
         for h in handles:
             h.remove()
@@ -1546,19 +1618,20 @@ def gather_to_main(obj, d: Dist) -> list | None:
 
 def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> dict | None:
     """Quantize the unbanked state dict `sd`; its block matrices are those with a Hessian. Every rank runs
-    GPTQ on its groups at every width of QUANT_BITS, compressing each candidate in CPU threads while its next
-    group runs; then one exchange. Returns on rank 0 {"rest": (metas, stream) of everything else,
+    GPTQ on its groups at every width of QUANT_BITS (the tied embedding: `embed_widths`), compressing each
+    candidate in CPU threads while its next group runs; then one exchange. Returns on rank 0 {"rest": (metas, stream) of everything else,
     "matrices": {name: {bits: ((metas, stream), error, rank)}}} (model order), None on the other ranks."""
     key = {k: k.removesuffix(".weight") for k in sd}
     shapes = {key[k]: tuple(W.shape) for k, W in sd.items() if key[k] in hessians}
     mine = {}
-    with ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // d.world_size)) as pool:
+    with ThreadPoolExecutor(max(1, usable_cpus() // d.world_size)) as pool:
         for names, owner in assign_groups(shapes, hessians, d.world_size):
             if owner != d.rank:
                 continue
             Ws = [sd[n + ".weight"] for n in names]
-            res = gptq_quantize(torch.cat(Ws), hessians[names[0]], hp.bit_widths(), hp.gptq_block_size,
-                                hp.gptq_percdamp, hp.clip_levels())
+            widths = hp.embed_widths() if names == [TIED_EMBED] else hp.bit_widths()
+            res = gptq_quantize(torch.cat(Ws), hessians[names[0]], widths, hp.gptq_block_size, hp.gptq_percdamp,
+                                hp.clip_levels())
             rows = np.cumsum([0] + [W.size(0) for W in Ws]).tolist()
             for name, r0, r1 in zip(names, rows, rows[1:]):
                 mine[name] = {b: (pool.submit(encode_stream, {name + ".weight": dict(
@@ -1572,13 +1645,13 @@ def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> di
     rest = {k: quantize_tensor(k, W) for k, W in sd.items() if key[k] not in shapes}
     return dict(rest=encode_stream(rest), matrices={n: matrices[n] for n in shapes})
 
-def allocate_bits(sizes: dict, errors: dict, budget: int, base: int = BASE_BITS) -> tuple:
-    """Each matrix's width so that sum(sizes[n][width]) <= budget, greedily from all-`base`, one width step
+def allocate_bits(sizes: dict, errors: dict, budget: int, start: dict | None = None, base: int = BASE_BITS) -> tuple:
+    """Each matrix's width so that sum(sizes[n][width]) <= budget, greedily from `start` (default all-`base`), one width step
     at a time: while over, lower the matrix whose error rises least per byte saved; then, while a raise fits,
     raise the matrix whose error drops most per byte added (one that would not fit is passed over for one
     that does). Returns (choice, [(name, old, new, total after)], total); total > budget if nothing fits."""
-    choice = dict.fromkeys(sizes, base)
-    total, moves = sum(s[base] for s in sizes.values()), []
+    choice = {n: (start or {}).get(n, base) for n in sizes}
+    total, moves = sum(sizes[n][b] for n, b in choice.items()), []
 
     def step(n, up):  # (width, byte change, error change) of n's next width step, or None
         ws = sorted(sizes[n])
@@ -1604,27 +1677,27 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
     mats, rest = q["matrices"], q["rest"]
     sizes = {n: {b: len(c[b][0][1]) for b in c} for n, c in mats.items()}
     errors = {n: {b: c[b][1] for b in c} for n, c in mats.items()}
+    start = {n: BASE_BITS if BASE_BITS in c else max(c) for n, c in mats.items()}  # the embedding: EMBED_BITS
     for n, c in mats.items():
-        log(f"gptq: {n}.weight shape:{tuple(c[BASE_BITS][0][0][0]['shape'])} rank:{c[BASE_BITS][2]} "
+        log(f"gptq: {n}.weight shape:{tuple(c[start[n]][0][0][0]['shape'])} rank:{c[start[n]][2]} "
             + " ".join(f"int{b}:{sizes[n][b]}B,h_err:{errors[n][b]:.4e}" for b in sorted(c)))
     streams = lambda choice: [rest] + [mats[n][choice[n]][0] for n in mats]  # stream 0: all but the matrices
-    fixed = len(pack_artifact(header, [(m, s if i == 0 else b"") for i, (m, s) in
-                                       enumerate(streams(dict.fromkeys(mats, BASE_BITS)))]))
-    choice, moves, total = allocate_bits(sizes, errors, budget - fixed)
+    fixed = len(pack_artifact(header, [(m, s if i == 0 else b"") for i, (m, s) in enumerate(streams(start))]))
+    choice, moves, total = allocate_bits(sizes, errors, budget - fixed, start)
     for n, old, new, t in moves:
         log(f"quant_alloc: {n}.weight int{old}->int{new} bytes:{sizes[n][old]}->{sizes[n][new]} "
             f"h_err:{errors[n][old]:.4e}->{errors[n][new]:.4e} artifact:{fixed + t}")
-    widths = list(choice.values())
+    widths = [b for n, b in choice.items() if n != TIED_EMBED]
     log(f"quant_alloc: widths:{','.join(f'int{b}x{widths.count(b)}' for b in sorted(set(widths)))} "
-        f"artifact:{fixed + total} budget:{budget} headroom:{budget - fixed - total} "
-        f"h_err:{sum(errors[n][b] for n, b in choice.items()):.4e} "
-        f"all_int{BASE_BITS}_h_err:{sum(e[BASE_BITS] for e in errors.values()):.4e}")
+        f"{TIED_EMBED}:int{choice.get(TIED_EMBED, 0)} artifact:{fixed + total} budget:{budget} "
+        f"headroom:{budget - fixed - total} h_err:{sum(errors[n][b] for n, b in choice.items()):.4e} "
+        f"start_h_err:{sum(errors[n][b] for n, b in start.items()):.4e}")
     if fixed + total > budget:
         return fixed + total
     blob = pack_artifact(header, streams(choice))
     if len(blob) != fixed + total:  # the header's length does not depend on the widths (one digit each)
         raise RuntimeError(f"artifact is {len(blob)} bytes, its parts {fixed + total}")
-    path.write_bytes(blob)
+    write_atomic(path, blob)
     return len(blob)
 
 
@@ -2026,6 +2099,9 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             f"running_mixed_bpb:{bits_per_byte(sums[1].item(), sums[2].item()):.4f} elapsed:{now - t0:.1f}s "
             f"eta:{(n_chunks - c - 1) * (now - t0) / (c + 1):.1f}s "
             f"ngram_mem:{cache.memory_bytes() / 2**20 if cache else 0:.1f}MiB", console=console)
+        if signum := stop_requested(d):
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name} during {label} at chunk {c + 1}/{n_chunks}: "
+                              f"no score (a partial pass is not one)", signum)
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
     all_reduce(audit, "max")
@@ -2072,60 +2148,105 @@ def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor, orders: l
     arrays["audit_pos"] = audit_pos.cpu().numpy()
     arrays["orders"] = np.array(orders, dtype=np.int64)
     if d.is_main:
-        np.savez_compressed(path, **arrays)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        write_atomic(Path(path), buf.getvalue())
 
 
 # ==================== main ===========================================================================
 # Orchestration only. Time accounting: the training budget (MAX_WALLCLOCK_SECONDS) covers the training
-# steps, GPTQ calibration and export; the evaluation budget (EVAL_BUDGET_SECONDS) runs from loading the
-# artifact to the final integrated number. Validation passes and the diagnostic round-trip eval are
-# outside both and logged separately.
+# steps, GPTQ calibration and export; the evaluation budget (EVAL_BUDGET_SECONDS) runs from the first load of
+# the artifact to the final integrated number, and includes the contiguous round-trip eval of the loaded model.
+# Progress validation passes are outside both and logged separately.
 
 SUBMISSION_NAME = "Valid complementary n-gram + mixed-width GPTQ + LoRA TTT"
-SUBMISSION_AUTHOR = "parameter-golf entry team"
+WRAPPER_HEAD = b'import lzma,base64\nexec(compile(lzma.decompress(base64.b85decode("'
+WRAPPER_TAIL = b'")),"train_gpt.py","exec"))\n'
 
-def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str) -> None:
+def pack_source(source: bytes) -> bytes:
+    """The compressed, self-extracting form of this file that the contest counts (LZMA + base85, the top records'
+    convention: PR #1285, PR #1394): running it runs the decoded source itself (tools/pack_code.py writes it)."""
+    return WRAPPER_HEAD + base64.b85encode(lzma.compress(source, preset=LZMA_PRESET)) + WRAPPER_TAIL
+
+def unpack_source(blob: bytes) -> bytes:
+    """The readable source of a file: itself, or what a `pack_source` wrapper decodes to."""
+    if not blob.startswith(WRAPPER_HEAD):
+        return blob
+    return lzma.decompress(base64.b85decode(blob[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]))
+
+def code_identity() -> tuple:
+    """(bytes of the file this run was started from (counted against the cap), its readable source (in the
+    log), the source's sha256 (in the artifact: the same for both forms))."""
+    blob = Path(__file__).read_bytes()
+    source = unpack_source(blob)
+    return len(blob), source.decode("utf-8"), hashlib.sha256(source).hexdigest()
+
+def log_header(hp: Hyperparameters, d: Dist, log: RunLog, run_id: str, overrides: list) -> None:
     log(f"run_id:{run_id}")
     log("config: " + json.dumps(dataclasses.asdict(hp), sort_keys=True))
+    for line in overrides:
+        log(f"eval_override: {line}")
     for line in describe_environment(d):
         log(line)
-    code = Path(__file__).read_text(encoding="utf-8")
+    n_bytes, code, sha = code_identity()
+    log(f"code: started_from:{Path(__file__).name} bytes:{n_bytes} readable_source_bytes:{len(code.encode())} "
+        f"form:{'compressed' if n_bytes != len(code.encode()) else 'readable'} source_sha256:{sha}")
     log("=" * 40 + " source: train_gpt.py " + "=" * 40 + "\n" + code + "\n" + "=" * 100, console=False)
+
+def save_checkpoint(model: GPT, path: Path) -> str | None:
+    """The full-precision weights, written whole or not at all; None, or why it failed (the run goes on)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    try:
+        write_atomic(path, buf.getvalue())
+        return None
+    except OSError as e:
+        return f"checkpoint not written: {error_line(e)}"
 
 def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
     """Checkpoint, GPTQ calibration, quantization, serialization; the budget and size checks. The artifact
     becomes final_model.gptq.xz unless even the smallest widths cannot fit the cap; an overrun of the
-    budget is kept and returned in `problems`. The full-precision checkpoint stays either way."""
+    budget is kept and returned in `problems`. Either file is attempted if the other cannot be written (a full
+    disk); a lost checkpoint is returned in `incomplete`, a lost artifact ends the run."""
     t0 = time.perf_counter()
-    if d.is_main:
-        torch.save(model.state_dict(), out / "final_model.pt")
+    incomplete = [why] if d.is_main and (why := save_checkpoint(model, out / "final_model.pt")) else []
+    for line in incomplete:
+        log(f"error: {line}; the export goes on")
     hessians = collect_hessians(model, hp, d)
     sync(d)
     t1 = time.perf_counter()
     q = quantize_model(unbanked_state_dict(model), hessians, hp, d)
-    code_bytes = len(Path(__file__).read_bytes())
-    header = dict(config={k: getattr(hp, k) for k in MODEL_FIELDS}, code_sha256=file_sha256(__file__),
-                  tokenizer_sha256=file_sha256(hp.tokenizer_path))
+    code_bytes, _, code_sha = code_identity()
+    header = dict(config={k: getattr(hp, k) for k in MODEL_FIELDS}, code_sha256=code_sha,
+                  tokenizer_sha256=file_sha256(hp.tokenizer_path), eval_settings={k: getattr(hp, k) for k in EVAL_FIELDS})
     budget = hp.artifact_size_cap - hp.size_margin_bytes - code_bytes
-    tmp = out / "final_model.gptq.xz.tmp"
-    artifact_bytes = write_artifact(q, header, budget, tmp, log) if d.is_main else 0
+    artifact_bytes, write_error = 0, ""
+    if d.is_main:
+        try:
+            artifact_bytes = write_artifact(q, header, budget, out / "final_model.gptq.xz", log)
+        except OSError as e:
+            artifact_bytes, write_error = -1, error_line(e)
     barrier()
     calib_s, export_s = t1 - t0, time.perf_counter() - t1
     total = artifact_bytes + code_bytes
     used = train.train_seconds + calib_s + export_s
+    limit = f"{hp.max_wallclock_seconds:.0f}s margin:{hp.max_wallclock_seconds - used:.1f}s" \
+        if hp.max_wallclock_seconds > 0 else "none (step-based run)"
     log(f"budget: train_time:{train.train_seconds:.1f}s calibration_time:{calib_s:.1f}s export_time:{export_s:.1f}s "
-        f"total:{used:.1f}s limit:{hp.max_wallclock_seconds:.0f}s predicted_export:{train.export_estimate:.1f}s "
-        f"actual_export:{calib_s + export_s:.1f}s margin:{hp.max_wallclock_seconds - used:.1f}s")
+        f"total:{used:.1f}s predicted_export:{train.export_estimate:.1f}s actual_export:{calib_s + export_s:.1f}s "
+        f"limit:{limit}")
+    total, used, artifact_bytes = broadcast(torch.tensor([float(total), used, float(artifact_bytes)],
+                                                         dtype=torch.float64, device=d.device), 0).tolist()
+    if artifact_bytes < 0:
+        raise GolfError(f"artifact not written: {write_error or 'see the log of rank 0'}"
+                        + (f"; {incomplete[0]}" if incomplete else f"; full-precision checkpoint kept at {out / 'final_model.pt'}"))
     log(f"Code size: {code_bytes} bytes")
-    log(f"Serialized model gptq+lzma: {artifact_bytes} bytes")
-    log(f"Total submission size: {total} bytes (cap {hp.artifact_size_cap}, headroom {hp.artifact_size_cap - total}, "
+    log(f"Serialized model gptq+lzma: {int(artifact_bytes)} bytes")
+    log(f"Total submission size: {int(total)} bytes (cap {hp.artifact_size_cap}, headroom {hp.artifact_size_cap - int(total)}, "
         f"of which SIZE_MARGIN_BYTES={hp.size_margin_bytes})")
-    total, used = broadcast(torch.tensor([float(total), used], dtype=torch.float64, device=d.device), 0).tolist()
     if total > hp.artifact_size_cap - hp.size_margin_bytes:
         problem = (f"artifact + code = {int(total)} bytes even at the smallest QUANT_BITS={hp.quant_bits}, over "
                    f"ARTIFACT_SIZE_CAP={hp.artifact_size_cap} - SIZE_MARGIN_BYTES={hp.size_margin_bytes}")
-        if d.is_main:
-            tmp.unlink(missing_ok=True)
         log(f"export_failed: {problem}; no artifact or submission written; full-precision checkpoint kept at "
             f"{out / 'final_model.pt'}")
         raise GolfError(problem)
@@ -2134,11 +2255,8 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
         problems.append(f"training budget overrun by {used - hp.max_wallclock_seconds:.1f}s: train + calibration + "
                         f"export = {used:.1f}s > MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}")
         log(f"NOT COMPLIANT: {problems[-1]}; the artifact is kept and evaluated, and marked non-compliant")
-    if d.is_main:
-        os.replace(tmp, out / "final_model.gptq.xz")
-    barrier()
     return dict(calibration_seconds=calib_s, export_seconds=export_s, artifact_bytes=int(artifact_bytes),
-                code_bytes=code_bytes, total_bytes=int(total), problems=problems)
+                code_bytes=code_bytes, total_bytes=int(total), problems=problems, incomplete=incomplete)
 
 def log_final(label: str, loss: float, bpb: float, log: RunLog, extra: str = "") -> None:
     log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra}")
@@ -2171,16 +2289,23 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     r.seconds, r.roundtrip_bpb = eval_s, rt_bpb
     return r
 
+def git_config(key: str) -> str:
+    try:
+        return subprocess.run(["git", "config", key], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
 def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, train: TrainResult, exp: dict,
                      prequant_bpb: float, final: EvalResult, problems: list) -> None:
     hardware = f"{d.world_size}x{torch.cuda.get_device_name(d.device)}" if d.is_cuda else \
-        f"{d.world_size}x CPU process ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        f"{d.world_size}x CPU process ({platform.processor() or platform.machine()}, {usable_cpus()} usable cores)"
     blurb = (f"{hp.num_layers}L x {hp.model_dim} GPT, Parallel Muon, mixed int4/5/6 GPTQ + LZMA; single-pass eval mixing an exact "
              f"normalized n-gram cache (orders {hp.ngram_eval_min_order}-{hp.ngram_eval_order}) with "
              f"{'LoRA TTT' if hp.ttt_enabled else 'no TTT'}. Data: {hp.data_label}.")
     r = lambda x: round(x, 8)  # noqa: E731
     record = dict(
-        name=SUBMISSION_NAME, author=SUBMISSION_AUTHOR, github_id="", date=datetime.date.today().isoformat(),
+        name=SUBMISSION_NAME, author=hp.submission_author or git_config("user.name") or "unknown",
+        github_id=hp.github_id or git_config("github.user"), date=datetime.date.today().isoformat(),
         val_bpb=r(final.mixed_bpb), val_loss=r(final.mixed_loss), bytes_total=exp["total_bytes"],
         bytes_code=exp["code_bytes"], blurb=("NOT A VALID RECORD (see non_compliance). " if problems else "") + blurb,
         compliant=not problems, non_compliance=problems, seed=hp.seed, run_id=run_id, log=f"logs/{run_id}.txt",
@@ -2191,9 +2316,7 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
                         quant_roundtrip_contiguous_val_bpb=r(final.roundtrip_bpb), model_only_bpb=r(final.model_bpb),
                         integrated_bpb=r(final.mixed_bpb), ngram_gain_bpb=r(final.model_bpb - final.mixed_bpb),
                         ttt_enabled=hp.ttt_enabled, artifact_bytes=exp["artifact_bytes"]))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
 
 def check_output_dir(out: Path, d: Dist) -> None:
     """Probe OUTPUT_DIR for writing now, so an unwritable folder fails before training, not at the first save."""
@@ -2205,36 +2328,98 @@ def check_output_dir(out: Path, d: Dist) -> None:
     except OSError as e:
         raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
 
+def lock_output_dir(out: Path, run_id: str):
+    """One run per OUTPUT_DIR: a second one would overwrite the first one's results. An flock on
+    OUTPUT_DIR/.run.lock, which the system releases when the process ends, however it ends; returns the open file."""
+    import fcntl
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = (out / ".run.lock").open("a+")
+    except OSError as e:
+        raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        raise GolfError(f"OUTPUT_DIR={str(out)!r} is in use by another run ({f.read().strip() or 'unknown'}): "
+                        f"wait for it to end or give this run another OUTPUT_DIR") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"run_id:{run_id} pid:{os.getpid()} host:{platform.node()} since:{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    f.flush()
+    return f
+
 RESULT_FILES = ("submission.json", "final_model.gptq.xz", "final_model.pt")
 
 def move_aside_previous(out: Path, log: RunLog) -> None:
-    """An earlier run's results go to OUTPUT_DIR/previous/<their time>/ (never deleted), so a run that fails
-    cannot leave them looking like its own. Called once the new run has passed its start-up checks."""
-    for name in RESULT_FILES:
-        old = out / name
-        if old.exists():
-            dest = out / "previous" / f"{datetime.datetime.fromtimestamp(old.stat().st_mtime):%Y%m%d_%H%M%S}"
-            dest.mkdir(parents=True, exist_ok=True)
-            os.replace(old, dest / name)
-            log(f"moved_aside: {old} -> {dest / name}")
+    """An earlier run's results go together to OUTPUT_DIR/previous/<time of the newest>/ (never deleted), so a
+    run that fails cannot leave them looking like its own. Called once the new run has passed its start-up checks."""
+    old = [out / n for n in RESULT_FILES if (out / n).exists()]
+    if not old:
+        return
+    dest = out / "previous" / f"{datetime.datetime.fromtimestamp(max(p.stat().st_mtime for p in old)):%Y%m%d_%H%M%S}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in old:
+        os.replace(p, dest / p.name)
+        log(f"moved_aside: {p} -> {dest / p.name}")
 
-def error_line(e: Exception) -> str:
-    """One line naming what failed; an OS error names its path."""
+class Interrupted(GolfError):
+    """The run stopped at a safe point after SIGINT/SIGTERM, keeping what it had finished."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.signum = signum
+
+class StopSignal:
+    """The first SIGINT/SIGTERM asks the run to stop at the next training step or evaluation chunk (every rank at
+    the same one: the flag travels in SharedClock's max-all-reduce, or in `stop_requested`); a second one
+    stops the process at once."""
+    received = 0
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):
+            if cls.received:
+                raise KeyboardInterrupt
+            cls.received = signum
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+def stop_requested(d: Dist) -> int:
+    """The signal any rank received (0: none), agreed by all ranks."""
+    return int(all_reduce(torch.tensor([float(StopSignal.received)], device=d.device), "max").item())
+
+def lost_process(e: BaseException) -> bool:
+    """A collective that timed out or lost its peer (gloo and NCCL raise RuntimeError subclasses for both)."""
+    return isinstance(e, RuntimeError) and any(k in str(e) for k in ("gloo", "NCCL", "Connection closed by peer"))
+
+def error_line(e: BaseException, dist_timeout: float | str = "its value") -> str:
+    """One line naming what failed; an OS error names its path; a lost process says so."""
     if isinstance(e, OSError) and not isinstance(e, GolfError):
         return f"{e.strerror or e}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    if lost_process(e):
+        return (f"a process of this run stopped or died (a collective failed; DIST_TIMEOUT_SECONDS={dist_timeout}): "
+                f"{str(e).strip().splitlines()[0][:200]}")
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted twice: stopped at once, without keeping anything unfinished"
     return str(e)
 
 def log_summary(log: RunLog, status: dict) -> None:
-    """The last lines of a run: what it produced, whether it is a valid record, and where everything is."""
+    """The last lines of a run: what it produced, whether it is a valid record (and what was checked to say so),
+    and where everything is."""
     bar = "=" * 30
     log(f"{bar} summary {bar}")
     if "error" in status:
-        log(f"result: FAILED: {status['error']}")
+        log(f"result: {'INTERRUPTED' if status.get('interrupted') else 'FAILED'}: {status['error']}")
     elif "val_bpb" in status:
-        log(f"result: val_bpb:{status['val_bpb']:.8f} (final_integrated; the val_bpb of submission.json)")
+        log(f"result: val_bpb:{status['val_bpb']:.8f} (final_integrated; " + (
+            "EVAL_ONLY: no submission.json written)" if status.get("eval_only") else "the val_bpb of submission.json)"))
     problems = status.get("problems", [])
-    log("compliant: " + ("NO: " + "; ".join(problems) if problems else
-                         "yes (training and evaluation budgets, size cap)" if "val_bpb" in status else "n/a"))
+    checked = ", ".join(status.get("checked", []))
+    log("compliant: " + ("NO: " + "; ".join(problems) if problems else f"yes ({checked})" if "val_bpb" in status else "n/a")
+        + (f"; not checked: {status['not_checked']}" if status.get("not_checked") else ""))
+    for line in status.get("incomplete", []):
+        log(f"incomplete: {line}")
     if "total_bytes" in status:
         log(f"bytes: artifact:{status['artifact_bytes']} code:{status['code_bytes']} total:{status['total_bytes']} "
             f"cap:{status['cap']} headroom:{status['cap'] - status['total_bytes']}")
@@ -2242,14 +2427,15 @@ def log_summary(log: RunLog, status: dict) -> None:
     files = [f"log:{status['log']}"] + [f"{n}:{out / n}" for n in RESULT_FILES if (out / n).exists()]
     log("files: " + " ".join(files))
 
-def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, status: dict) -> None:
-    log_header(hp, d, log, run_id)
+def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, status: dict, overrides: list) -> None:
+    log_header(hp, d, log, run_id, overrides)
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     luts = build_byte_luts(sp, hp.vocab_size).to(d.device)
     val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size)
-    log(f"data: val_tokens:{val_tokens.numel()} label:{hp.data_label}")
+    log(f"data: val_tokens:{val_tokens.numel()} label:{hp.data_label} tokenizer_sha256:{file_sha256(hp.tokenizer_path)}")
     attention = configure_attention(hp, d)  # before anything is compiled: a compiled graph bakes the kernel in
     if hp.eval_only:  # reproduce a score from an artifact: no training data is touched
+        status.update(checked=["evaluation budget"], not_checked="training budget and size cap (EVAL_ONLY)")
         final = integrated_eval(Path(hp.eval_only), hp, d, log, val_tokens, luts)
         status.update(val_bpb=final.mixed_bpb, problems=final.problems)
         return
@@ -2271,7 +2457,8 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
         f"attention:{attention} bf16_residual:{d.is_cuda} compiled:{d.is_cuda}")
     log(f"optimizer: parallel_muon banks:{','.join(f'{n}{tuple(getattr(model, n).shape)}' for n in BANKS)} "
         f"world_size:{d.world_size} grad_accum:{8 // d.world_size} adamw_params:{sum(p.numel() for p in replicated)} "
-        f"complement_alpha:{hp.complement_alpha} late_qat_frac:{hp.late_qat_frac}")
+        f"complement_alpha:{hp.complement_alpha} bigram_counts:{4 * hp.vocab_size ** 2 / 2 ** 20:.0f}MiB_per_rank "
+        f"late_qat_frac:{hp.late_qat_frac}")
     trainer = Trainer(hp, d, model, step_fn, muon, adam, replicated)
     train = train_model(trainer, val_tokens, luts, log)
     tokens_read = train.steps * hp.train_batch_tokens
@@ -2279,36 +2466,87 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
     prequant_loss, prequant_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
     log(f"final_weights val_loss:{prequant_loss:.4f} val_bpb:{prequant_bpb:.4f} (EMA/SWA, before quantization)")
     exp = export(model, hp, d, log, out, train)
-    status.update(exp, cap=hp.artifact_size_cap)
+    status.update(exp, cap=hp.artifact_size_cap, checked=["size cap", "evaluation budget"])
+    if hp.max_wallclock_seconds > 0:
+        status["checked"].insert(0, "training budget")
+    else:
+        exp["problems"].append("step-based run (MAX_WALLCLOCK_SECONDS=0): the training budget was not enforced")
+    if signum := (train.interrupted or stop_requested(d)):
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name} after step {train.steps}: final_model.pt and "
+                          f"final_model.gptq.xz are written; not evaluated (no score)", signum)
     final = integrated_eval(out / "final_model.gptq.xz", hp, d, log, val_tokens, luts, prequant_bpb)
     status.update(val_bpb=final.mixed_bpb, problems=exp["problems"] + final.problems)
     if d.is_main:
         write_submission(out / "submission.json", hp, d, run_id, train, exp, prequant_bpb, final, status["problems"])
         log(f"submission: {out / 'submission.json'} val_bpb:{final.mixed_bpb:.8f}")
 
-def main() -> None:
-    hp = Hyperparameters.from_env(os.environ)
-    d = init_distributed(hp.dist_timeout_seconds)
+def resolve_settings(env) -> tuple:
+    """The run's settings and, under EVAL_ONLY, the lines saying where the environment overrides what the artifact
+    recorded: an artifact is scored with its own vocabulary, seed and evaluation settings unless told otherwise."""
+    hp = Hyperparameters.from_env(env)
+    if not hp.eval_only:
+        return hp, []
+    header = artifact_header(Path(hp.eval_only))
+    names = {f.name for f in fields(Hyperparameters)}
+    recorded = {k: v for k, v in {**header.get("eval_settings", {}), "vocab_size": header["config"]["vocab_size"]}.items()
+                if k in names}
+    hp = Hyperparameters.from_env(env, recorded)
+    return hp, [f"{k.upper()}={getattr(hp, k)!r} (the artifact's: {v!r})" for k, v in recorded.items()
+                if getattr(hp, k) != v]
+
+def log_startup_error(env, e: Exception) -> None:
+    """A settings error comes before the run log exists: write one for it where OUTPUT_DIR allows (rank 0)."""
+    if env.get("RANK", "0") != "0" or not env.get("OUTPUT_DIR", ".").strip():
+        return
+    try:
+        logs = Path(env.get("OUTPUT_DIR", ".")) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        name = env.get("RUN_ID") or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_settings"
+        (logs / f"{name}.txt").write_text(f"error: {error_line(e)}\n")
+    except OSError:
+        pass
+
+def main() -> int:
+    """The whole job; returns the exit code (0 done, 3 done but a file could not be written)."""
+    env = os.environ
+    try:
+        hp, overrides = resolve_settings(env)
+    except GolfError as e:
+        log_startup_error(env, e)
+        raise
     run_id = hp.run_id or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_seed{hp.seed}"
     out = Path(hp.output_dir)
+    lock = lock_output_dir(out, run_id) if env.get("RANK", "0") == "0" else None  # noqa: F841  held until exit
+    d = init_distributed(hp.dist_timeout_seconds)
     check_output_dir(out, d)
+    StopSignal.install()
     log = RunLog(out / "logs" / f"{run_id}.txt" if d.is_main else None)
-    status = dict(out=out, log=out / "logs" / f"{run_id}.txt")
+    status = dict(out=out, log=out / "logs" / f"{run_id}.txt", eval_only=bool(hp.eval_only))
     try:
-        run(hp, d, log, out, run_id, status)
-    except (GolfError, OSError) as e:
-        status["error"] = error_line(e)
+        run(hp, d, log, out, run_id, status, overrides)
+    except BaseException as e:
+        if not isinstance(e, (GolfError, OSError, KeyboardInterrupt)) and not lost_process(e):
+            status["error"] = f"internal error {type(e).__name__}: {e} (traceback on stderr)"
+            raise  # a bug: its traceback is the report
+        status.update(error=error_line(e, hp.dist_timeout_seconds), interrupted=isinstance(e, (Interrupted, KeyboardInterrupt)))
         log(f"error: {status['error']}", console=False)  # the console gets it on stderr from __main__
         raise
     finally:
         log_summary(log, status)
+    for line in status.get("incomplete", []):
+        print(f"error: run incomplete: {line}", file=sys.stderr, flush=True)
+    return 3 if status.get("incomplete") else 0
 
 if __name__ == "__main__":
+    code = 2
     try:
-        main()
-    except (GolfError, OSError) as e:
+        code = main()
+    except (GolfError, OSError, RuntimeError, KeyboardInterrupt) as e:
+        if isinstance(e, RuntimeError) and not lost_process(e):
+            raise
         print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 128 + e.signum if isinstance(e, Interrupted) else 130 if isinstance(e, KeyboardInterrupt) else 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    sys.exit(code)

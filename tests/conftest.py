@@ -60,6 +60,7 @@ def run_script(env_overrides: dict, tmp_path: Path, nproc: int = 1, timeout: int
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update({"OUTPUT_DIR": str(tmp_path), "RUN_ID": "test", "OMP_NUM_THREADS": "1"})
     env.update(env_overrides)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train_gpt.py")]
     else:

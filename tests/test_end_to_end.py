@@ -57,7 +57,7 @@ def test_main_job_log_in_order(main_run):
         later = [i for i in hits if i > at]
         assert later, f"no line matching {pat!r} after line {at}"
         at = later[0]
-    assert len([l for l in lines if l.startswith("gptq: ")]) == 4 * 6  # 6 block matrices per layer
+    assert len([l for l in lines if l.startswith("gptq: ")]) == 4 * 6 + 1  # 6 block matrices per layer, and the tied embedding
     assert sorted(train_losses(main_run)) == [2, 4, 6]
     config = json.loads(next(l for l in lines if l.startswith("config: "))[len("config: "):])
     assert config["iterations"] == 6 and config["num_layers"] == 4

@@ -71,7 +71,7 @@ def ref_counters(tokens: list, positions, orders=range(2, 10), distinct=False):
     return (pair, ctx, nxt) if distinct else (pair, ctx)
 
 
-def ref_witten_bell(tokens: list, p: int, history, lp_model: torch.Tensor, beta: dict, orders=range(2, 10)):
+def ref_witten_bell(tokens: list, p: int, history, lp_model: torch.Tensor, beta: dict, orders=range(2, 10), vocab=V):
     """The full interpolated Witten-Bell distribution at target position p from dictionaries over the
     target positions `history`: p_n(v) = (c_n(v) + b_n u_n p_{n-1}(v)) / (C_n + b_n u_n), lowest order
     first, starting from the model; an unseen context leaves p unchanged. Returns (V,) float64."""
@@ -80,7 +80,7 @@ def ref_witten_bell(tokens: list, p: int, history, lp_model: torch.Tensor, beta:
     dist = lp_model.exp().clone()
     for n in seen:
         h = tuple(tokens[p - n + 1:p])
-        counts = torch.zeros(V, dtype=torch.float64)
+        counts = torch.zeros(vocab, dtype=torch.float64)
         for v in nxt[n][h]:
             counts[v] = pair[n][(h, v)]
         kappa = beta[n] * len(nxt[n][h])
@@ -270,7 +270,7 @@ def test_c2_audit_values(base_run, stream):
     np.testing.assert_allclose(-np.log(p[np.arange(K), stream.numpy()[pos]]), dump["mixed_nll"][pos - 1], rtol=0, atol=1e-9)
 
 
-def _check_cache_against_reference(cache, toks_t: torch.Tensor, upto: int, gen: torch.Generator, n_random=300):
+def _check_cache_against_reference(cache, toks_t: torch.Tensor, upto: int, gen: torch.Generator, n_random=300, vocab=V):
     """Every (context, token) pair seen in positions < upto, plus random unseen ones, for every order."""
     toks = toks_t.tolist()
     pair, ctx, nxt = ref_counters(toks, range(1, upto), distinct=True)
@@ -285,10 +285,10 @@ def _check_cache_against_reference(cache, toks_t: torch.Tensor, upto: int, gen: 
         u = cache.stats(toks_t, pos)[2][cache.orders.index(n)].long().tolist()
         assert u == [len(nxt[n][tuple(toks[p - n + 1:p])]) for p in pos.tolist()], f"order {n}: distinct differ"
         # random contexts/tokens (almost all unseen), and seen contexts with random next tokens
-        rnd = torch.randint(0, V, (n_random, n), generator=gen)
+        rnd = torch.randint(0, vocab, (n_random, n), generator=gen)
         seen = torch.stack([toks_t[p - n + 1:p + 1] for p in pos[torch.randint(0, pos.numel(), (n_random,),
                                                                                   generator=gen)].tolist()])
-        seen[:, -1] = torch.randint(0, V, (n_random,), generator=gen)
+        seen[:, -1] = torch.randint(0, vocab, (n_random,), generator=gen)
         probe = torch.cat([rnd, seen])
         flat = probe.flatten()
         at = torch.arange(probe.size(0)) * n + n - 1
@@ -311,6 +311,43 @@ def test_c2_cache_counts_equal_dictionary_reference(kind, val_tokens):
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         cache.update(toks, torch.arange(lo, hi))
     _check_cache_against_reference(cache, toks, toks.numel(), gen)
+
+
+def large_vocab_text(n: int, gen: torch.Generator, vocab: int = 8192) -> torch.Tensor:
+    """A text over 48 ids spread across the whole vocabulary (the highest, vocab - 1, included), so contexts repeat
+    and every bit of a token id (13 at V = 8192) is exercised in the packed keys."""
+    ids = torch.cat([torch.randperm(vocab, generator=gen)[:47], torch.tensor([vocab - 1])])
+    return ids[torch.randint(0, ids.numel(), (n,), generator=gen) % (8 + torch.arange(n) % 40)]
+
+
+def test_c2_cache_counts_exact_at_8192():
+    """VOCAB_SIZE=8192: the key keeps 13 token bits (the hash gets the rest) and the counts still equal the
+    dictionary reference for every order, seen and unseen pairs."""
+    gen = torch.Generator().manual_seed(11)
+    toks = large_vocab_text(5000, gen)
+    cache = tg.NGramCache(2, 9, 8192)
+    assert cache.vbits == 13 and cache.ctx_bits == 63 - tg.NGramCache.ORDER_BITS - 13
+    for lo, hi in ((1, 1700), (1700, 1701), (1701, 5000)):
+        cache.update(toks, torch.arange(lo, hi))
+    _check_cache_against_reference(cache, toks, toks.numel(), gen, n_random=100, vocab=8192)
+
+
+def test_witten_bell_normalized_at_8192():
+    """The full mixed distribution over all 8192 tokens equals the dictionary reference and sums to 1."""
+    gen = torch.Generator().manual_seed(12)
+    W = 8192
+    toks_t = large_vocab_text(3000, gen)
+    toks = toks_t.tolist()
+    cache = tg.NGramCache(2, 9, W)
+    cache.update(toks_t, torch.arange(1, 2900))
+    pos = torch.arange(2900, 2916)
+    lp = torch.log_softmax(3 * torch.randn(pos.numel(), W, generator=gen, dtype=torch.float64), -1)
+    beta = torch.rand(len(cache.orders), pos.numel(), generator=gen, dtype=torch.float64) * 3 + 0.1
+    full, _ = tg.witten_bell(lp, *cache.stats(toks_t, pos, torch.arange(W).expand(pos.numel(), W)), beta)
+    assert torch.allclose(full.exp().sum(1), torch.ones(pos.numel(), dtype=torch.float64), atol=1e-12, rtol=0)
+    for j, p in enumerate(pos.tolist()):
+        ref = ref_witten_bell(toks, p, range(1, 2900), lp[j], dict(zip(cache.orders, beta[:, j].tolist())), vocab=W)
+        assert torch.allclose(full[j].exp(), ref, atol=1e-12, rtol=0), p
 
 
 def test_c2_lsm_merging_keeps_counts_exact():

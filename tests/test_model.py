@@ -648,7 +648,7 @@ def test_bf16_residual_gradients_match_float32():
 def test_configure_attention_names_the_kernel_and_rejects_unknown():
     d = tg.Dist()
     assert tg.configure_attention(tiny_hp(), d).startswith("sdpa_")
-    assert tg._flash_kernel is None  # no FlashAttention kernel on the CPU
+    assert tg._use_fa3 is False  # no FlashAttention kernel on the CPU
     with pytest.raises(tg.GolfError, match="ATTN_BACKEND"):
         tiny_hp(attn_backend="fa4")
     with pytest.raises(tg.GolfError, match="ATTN_BACKEND=fa3"):  # FA3 needs a GPU and flash_attn_interface

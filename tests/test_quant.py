@@ -643,7 +643,7 @@ def tiny_artifact(corpus, tmp_path_factory):
 def test_artifact_end_to_end(tiny_artifact):
     hp, path, model, hessians, q, n_bytes = tiny_artifact
     d = tg.Dist()
-    matrices = tg.block_matrices(model)
+    matrices = {**tg.block_matrices(model), tg.TIED_EMBED: model.tok_emb.weight}
     assert set(hessians) == set(matrices) == set(q["matrices"])
     for name, H in hessians.items():
         C = matrices[name].size(1)
@@ -655,11 +655,13 @@ def test_artifact_end_to_end(tiny_artifact):
     for name, t in rest.items():
         assert (t["kind"], t["bits"]) == (("int", 8) if name in tg.EMBEDDING_NAMES else ("fp16", 16)), name
     for name, by_width in q["matrices"].items():
-        assert sorted(by_width) == [4, 5, 6]
-        errs = [by_width[b][1] for b in (4, 5, 6)]
+        widths = [6, 7, 8] if name == tg.TIED_EMBED else [4, 5, 6]  # EMBED_BITS=8 and the two below it
+        assert sorted(by_width) == widths
+        errs = [by_width[b][1] for b in widths]
         assert errs[0] > errs[1] > errs[2] > 0, name
     assert n_bytes == path.stat().st_size > 0
-    assert set(t["bits"] for s in tg.artifact_header(path)["streams"][1:] for t in s) == {6}  # no cap: all raised
+    bits = {t["name"]: t["bits"] for s in tg.artifact_header(path)["streams"][1:] for t in s}
+    assert bits.pop("tok_emb.weight") == 8 and set(bits.values()) == {6}  # no cap: all raised, embedding at its start
     rebuilt = tg.model_from_artifact(path, hp, d)
     _, tensors = tg.read_artifact(path)
     m2 = tg.GPT(hp)
@@ -762,3 +764,39 @@ def test_artifact_for_another_vocab_is_rejected(tiny_artifact):
     tg.model_from_artifact(path, hp, tg.Dist())  # fits
     with pytest.raises(tg.GolfError, match="VOCAB_SIZE=512"):
         tg.model_from_artifact(path, replace(hp, vocab_size=512), tg.Dist())
+
+
+def test_head_hessian_is_that_of_the_final_hidden_states(tiny_artifact):
+    """The tied embedding's H = mean h^T h of the output head's input (the normalized final hidden states)."""
+    hp, _, model, hessians, _, _ = tiny_artifact
+    seq = hp.train_seq_len
+    x = tg.TokenStream(hp.data_path, hp.vocab_size).take(hp.gptq_n_samples * seq).view(-1, seq).long()
+    with torch.no_grad():
+        h = model.hidden(x).reshape(-1, hp.model_dim)
+    assert torch.allclose(hessians[tg.TIED_EMBED], h.T @ h / h.size(0), rtol=1e-4, atol=1e-6)
+
+
+def test_embedding_width_decided_with_the_blocks(tiny_artifact, tmp_path):
+    """With a cap between "all at their start" and "embedding two steps lower", the allocator lowers where the
+    Hessian-weighted error rises least per byte saved, and logs the embedding's decision as a quant_alloc line
+    (the same choice as allocate_bits from the same start); EMBED_BITS is the widest of three widths."""
+    hp, _, _, _, q, n_bytes = tiny_artifact
+    header = dict(config={k: getattr(hp, k) for k in tg.MODEL_FIELDS}, code_sha256="0" * 64, tokenizer_sha256="0" * 64)
+    emb = q["matrices"][tg.TIED_EMBED]
+    saved = len(emb[8][0][1]) - len(emb[6][0][1])
+    assert saved > 0
+    sizes = {n: {b: len(c[b][0][1]) for b in c} for n, c in q["matrices"].items()}
+    errors = {n: {b: c[b][1] for b in c} for n, c in q["matrices"].items()}
+    start = {n: 8 if n == tg.TIED_EMBED else 5 for n in sizes}
+    fixed = n_bytes - sum(sizes[n][8 if n == tg.TIED_EMBED else 6] for n in sizes)  # the uncapped artifact: all raised
+    budget = sum(sizes[n][b] for n, b in start.items()) - saved // 2  # the start does not fit: something is lowered
+    lines = []
+    size = tg.write_artifact(q, header, fixed + budget, tmp_path / "a.xz", lines.append)
+    assert size <= fixed + budget
+    summary = [l for l in lines if l.startswith("quant_alloc: widths:")][-1]
+    moves = [l for l in lines if l.startswith("quant_alloc: ") and "->" in l]
+    assert moves and all("h_err:" in l for l in moves)
+    choice, ref_moves, _ = tg.allocate_bits(sizes, errors, budget, start)
+    assert f"tok_emb:int{choice[tg.TIED_EMBED]}" in summary and len(moves) == len(ref_moves)
+    assert any(old > new for _, old, new, _ in ref_moves)
+    assert replace(hp, embed_bits=6).embed_widths() == (4, 5, 6) and replace(hp, embed_bits=7).embed_widths() == (5, 6, 7)

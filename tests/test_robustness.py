@@ -44,27 +44,28 @@ def test_budget_plan_stops_before_the_predicted_end():
 
 
 def test_budget_covers_training_calibration_and_export(corpus_env, tmp_path):
-    proc = run_script({**corpus_env, "MAX_WALLCLOCK_SECONDS": "8", "EXPORT_RESERVE_SECONDS": "1",
+    """The predicted stop keeps training + calibration + export inside MAX_WALLCLOCK_SECONDS: the run is compliant
+    (a budget with room for a loaded machine: the probe exports weights at trained scale, 1.5x its time reserved)."""
+    proc = run_script({**corpus_env, "MAX_WALLCLOCK_SECONDS": "30", "EXPORT_RESERVE_SECONDS": "1",
                        "ITERATIONS": "100000", "TTT_CHUNK_TOKENS": "4096", "EVAL_SEQ_LEN": "128",
                        "EVAL_STRIDE": "64"}, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]  # even a slow machine keeps its run
+    assert proc.returncode == 0, proc.stderr[-3000:]
     log = "\n".join(log_lines(tmp_path))
-    plan = re.search(r"^budget_plan: export_probe:([\d.]+)s export_estimate:([\d.]+)s", log, re.M)
+    plan = re.search(r"^budget_plan: export_probe:([\d.]+)s probe_zero_frac:([\d.]+) \(initial weights ([\d.]+)\) "
+                     r"export_estimate:([\d.]+)s", log, re.M)
     pred = re.search(r"^budget_prediction: stop:predicted_budget step:\d+/100000 train_time:([\d.]+)s "
-                     r"step_estimate:([\d.]+)s export_estimate:([\d.]+)s predicted_total:([\d.]+)s limit:8s", log, re.M)
+                     r"step_estimate:([\d.]+)s export_estimate:([\d.]+)s predicted_total:([\d.]+)s limit:30s", log, re.M)
     m = re.search(r"^budget: train_time:([\d.]+)s calibration_time:([\d.]+)s export_time:([\d.]+)s "
-                  r"total:([\d.]+)s limit:(\d+)s predicted_export:([\d.]+)s actual_export:([\d.]+)s", log, re.M)
+                  r"total:([\d.]+)s predicted_export:([\d.]+)s actual_export:([\d.]+)s limit:(\d+)s margin:", log, re.M)
     assert plan and pred and m, log[-3000:]
-    probe, estimate = map(float, plan.groups())
+    probe, zero_probe, zero_init, estimate = map(float, plan.groups())
+    assert zero_probe == 0.0 and zero_init > 0.3  # the probe's matrices are at trained scale, not the zero init
     assert estimate >= max(1.0, 1.5 * (probe - 0.05)) - 0.05  # both printed to 0.1 s
-    train, calib, export, total, limit = map(float, m.groups()[:5])
+    train, calib, export, total = map(float, m.groups()[:4])
     assert abs(train + calib + export - total) <= 0.15  # each rounded to 0.1 s
-    assert 0 < train <= 8 - estimate + 0.5  # stopped where the prediction said, not at the limit
+    assert 0 < train <= 30 - estimate + 0.5  # stopped where the prediction said, not at the limit
     sub = json.loads((tmp_path / "submission.json").read_text())
-    if sub["compliant"]:  # (total is printed to 0.1 s)
-        assert total <= limit + 0.05 and sub["non_compliance"] == []
-    else:  # a loaded machine overran anyway: the run was kept, evaluated and marked
-        assert total >= limit - 0.05 and "overrun" in sub["non_compliance"][0], sub
+    assert total <= 30 and sub["compliant"] and sub["non_compliance"] == [], sub
     assert re.search(r"^train_data: tokens_read:\d+ train_tokens:\d+ epochs:[\d.]+$", log, re.M)
 
 

@@ -76,14 +76,14 @@ def check_attention(d: tg.Dist, hp: tg.Hyperparameters, rep: Report) -> None:
     v = torch.randn_like(k, requires_grad=True)
     chosen = tg.configure_attention(hp, d)
     results = {f"shim({chosen})": time_attention(d, q, k, v, True, None)}
-    flash, tg._flash_kernel = tg._flash_kernel, None  # time SDPA's backends even when FA3 was chosen
+    flash, tg._use_fa3 = tg._use_fa3, False  # time SDPA's backends even when FA3 was chosen
     try:
         for name in ("cudnn", "flash", "efficient") + (() if d.is_cuda else ("math",)):
             for native in (True, False):
                 backend = getattr(SDPBackend, tg._SDPA_ENUM[name])
                 results[f"{name}{'' if native else '+copied_kv'}"] = time_attention(d, q, k, v, native, backend)
     finally:
-        tg._flash_kernel = flash
+        tg._use_fa3 = flash
         del q, k, v
         if d.is_cuda:
             torch.cuda.empty_cache()  # the training variants run in other processes on the same GPU
