@@ -1329,6 +1329,10 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
             val_s += time.perf_counter() - t0
             t_prev = time.perf_counter()
     check_finite(all_reduce(loss.detach().clone(), "avg").item(), step)
+    hi, neg_lo = all_reduce(torch.tensor([step, -step], dtype=torch.float64, device=d.device), "max").tolist()
+    if hi != -neg_lo:  # every rank must take the same break (the shared clock), or the collectives below hang
+        raise GolfError(f"ranks stopped at different steps ({-neg_lo:.0f} to {hi:.0f}): the shared clock disagreed")
+    log(f"stop: {stop_reason} at step {step} on every rank (world_size {d.world_size})")
     if shared[3]:
         log(f"training_stopped: {stop_reason} at step {step}: finishing the weights, checkpoint and artifact")
     log(f"weight_averaging: {averager.apply_final()}")

@@ -14,6 +14,9 @@ in its own temporary OUTPUT_DIR. Per run it reads from the logs:
 and then scores the same artifact on the second held-out text (datasets/heldout2: matplotlib's docstrings,
 never trained on, not even by the tokenizer) with EVAL_ONLY, reading `final_integrated_exact` and
 `integrated_parts: model_only_bpb` (the model with TTT but without the n-gram cache).
+Config vocab_8192 trains on the 8192-piece corpus (data/embedded/sp8192, built if missing) with its tokenizer
+and run.sh's size cap for that vocabulary; every done line also has bytes per token, tok/s, the widths and the
+total size (artifact composition).
 
 Equal time: a part that changes the cost of a step would get more (or fewer) steps in the same time.
 Wall-clock step_avg on a shared machine measures the machine as much as the config, so --cost-steps K
@@ -24,6 +27,7 @@ one; late-QAT's fake quantization is not in it) and prints the steps each would 
 """
 import argparse
 import json
+import math
 import concurrent.futures as cf
 import os
 import re
@@ -35,7 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data" / "embedded" / "sp1024"
 
 # One switch set per part; "all_off" is a plain GPT with Muon.
 PARTS = {
@@ -51,19 +54,33 @@ PARTS = {
     "late_qat": {"LATE_QAT_FRAC": "1"},
 }
 CONFIGS = {"all_on": {}, "all_off": {k: v for part in PARTS.values() for k, v in part.items()},
-           **{f"no_{name}": switches for name, switches in PARTS.items()}}
+           **{f"no_{name}": switches for name, switches in PARTS.items()},
+           "vocab_8192": {"VOCAB_SIZE": "8192"}}  # its own corpus (data/embedded/sp8192), tokenizer and cap
 FLOAT = r"([0-9.]+(?:e[-+]?\d+)?)"
 
 
-def embedded_env() -> dict:
-    """The environment run.sh's embedded_settings() exports (the CPU shape), without running the job."""
-    script = (f'source <(sed -n "/^embedded_settings() {{/,/^}}/p" "{ROOT / "run.sh"}"); '
-              'embedded_settings; env -0')
+def embedded_env(vocab: int = 1024) -> dict:
+    """The environment run.sh's embedded_settings() exports (the CPU shape) for this vocabulary: its corpus
+    (data/embedded/sp{vocab}), tokenizer and size cap, without running the job."""
+    corpus = ROOT / "data" / "embedded" / f"sp{vocab}"
+    script = (f'vocab={vocab}; corpus="{corpus}"; '
+              f'source <(sed -n "/^embedded_settings() {{/,/^}}/p" "{ROOT / "run.sh"}"); embedded_settings; env -0')
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, check=True, cwd=ROOT).stdout
     env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
-    env["DATA_PATH"] = str(CORPUS / "datasets" / "fineweb10B_sp1024")
-    env["TOKENIZER_PATH"] = str(CORPUS / "tokenizers" / "fineweb_1024_bpe.model")
+    if not (corpus / "MANIFEST.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "embedded_corpus.py"), "--out", str(corpus),
+                        "--vocab-size", str(vocab)], check=True)
+    return {**env, "VOCAB_SIZE": str(vocab)}
+
+
+def config_env(base: dict, name: str) -> dict:
+    """base + the config's switches; a config that changes VOCAB_SIZE gets that vocabulary's corpus and cap."""
+    env = {**base, **CONFIGS[name]}
+    vocab = int(env.get("VOCAB_SIZE", "1024"))
+    if vocab != int(base.get("VOCAB_SIZE", "1024")):
+        env.update({k: v for k, v in embedded_env(vocab).items()
+                    if k in ("DATA_PATH", "TOKENIZER_PATH", "ARTIFACT_SIZE_CAP")})
     return env
 
 
@@ -77,7 +94,7 @@ def last(pattern: str, text: str, what: str) -> float:
 def run_one(base: dict, name: str, seed: int, steps: int) -> dict:
     """Train + evaluate one configuration, then score its artifact on heldout2."""
     with tempfile.TemporaryDirectory(prefix=f"ablate_{name}_{seed}_") as out:
-        env = {**base, **CONFIGS[name], "SEED": str(seed), "ITERATIONS": str(steps), "MAX_WALLCLOCK_SECONDS": "0",
+        env = {**config_env(base, name), "SEED": str(seed), "ITERATIONS": str(steps), "MAX_WALLCLOCK_SECONDS": "0",
                "OUTPUT_DIR": out, "RUN_ID": "train", "OMP_NUM_THREADS": "1"}
         t0 = time.time()
         p = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
@@ -88,9 +105,14 @@ def run_one(base: dict, name: str, seed: int, steps: int) -> dict:
         r = dict(config=name, seed=seed, steps=steps,
                  model_bpb=last(rf"final_quant_roundtrip_contiguous_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_quant_roundtrip_contiguous"),
                  integrated_bpb=last(rf"final_integrated_exact val_loss:\S+ val_bpb:{FLOAT}", log, "final_integrated"),
-                 s_per_step=last(rf"step_avg:{FLOAT}ms", log, "step_avg") / 1000)
+                 s_per_step=last(rf"step_avg:{FLOAT}ms", log, "step_avg") / 1000,
+                 tok_s=last(rf"tok_s:{FLOAT}", log, "tok_s"),
+                 bytes_per_token=last(rf"final_quant_roundtrip_contiguous_exact val_loss:{FLOAT}", log, "loss")
+                 / math.log(2) / last(rf"final_quant_roundtrip_contiguous_exact val_loss:\S+ val_bpb:{FLOAT}", log, "bpb"),
+                 widths=re.findall(r"^quant_alloc: widths:(\S+) .*$", log, re.M)[-1:],
+                 artifact_bytes=last(r"Total submission size: (\d+) bytes", log, "Total submission size"))
         env.update(EVAL_ONLY=str(Path(out) / "final_model.gptq.xz"), RUN_ID="heldout2",
-                   DATA_PATH=str(CORPUS / "datasets" / "heldout2"))
+                   DATA_PATH=str(Path(env["DATA_PATH"]).parent / "heldout2"))
         p = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
                            cwd=out)
         if p.returncode:
@@ -130,7 +152,7 @@ def step_costs(base: dict, names: list, steps: int) -> dict:
     """{config: CPU s/step}, each measured in a fresh single-threaded process, one at a time."""
     costs = {}
     for name in names:
-        env = {**base, **CONFIGS[name], "OMP_NUM_THREADS": "1"}
+        env = {**config_env(base, name), "OMP_NUM_THREADS": "1"}
         out = subprocess.run([sys.executable, __file__, "--cost-here", str(steps)], env=env, capture_output=True,
                              text=True, cwd=ROOT)
         if out.returncode:
@@ -192,8 +214,6 @@ def main() -> None:
     unknown = [c for c in names + [c for c in args.equal_wall.split(",") if c] if c not in CONFIGS]
     if unknown:
         ap.error(f"--configs/--equal-wall: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
-    if not (CORPUS / "MANIFEST.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "tools" / "embedded_corpus.py"), "--out", str(CORPUS)], check=True)
     base = embedded_env()
     base.update(VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="10")
     base.update(item.split("=", 1) for item in args.set)

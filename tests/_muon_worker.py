@@ -1,6 +1,6 @@
-"""torchrun worker for tests/test_optim.py: two ParallelMuon steps on gloo with rank-dependent gradients.
+"""torchrun worker for tests/test_optim.py: ParallelMuon steps on gloo (2 or 4 ranks) with rank-dependent gradients.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_muon_worker.py OUTDIR
+    python -m torch.distributed.run --standalone --nproc_per_node=N tests/_muon_worker.py OUTDIR
 
 For NUM_LAYERS in (4, 3) (3: banks of 3 matrices, not divisible by the world size) every rank builds the
 same tiny model, perturbs the banks with a shared seed, sets gradients seeded by (rank, step) (all zero in

@@ -135,6 +135,21 @@ def test_two_process_training_matches_one(main_run, corpus_env, tmp_path):
     assert abs(sub["val_bpb"] - exact_numbers(main_run)["final_integrated"][1]) < 1e-3
 
 
+def test_four_ranks_with_a_zero_row_rank_stop_together_on_the_budget(corpus_env, tmp_path):
+    """The whole job on 4 gloo ranks with 3 layers (the last rank owns no Muon row, like ranks 6-7 of 11 layers on
+    8 GPUs) under a wall-clock budget: the shared clock stops every rank at the same step (the run checks and
+    logs it), then export and evaluation complete and the submission says so."""
+    r = run_script({**corpus_env, "NUM_LAYERS": "3", "XSA_LAST_N": "1", "VE_LAST_N": "1", "ITERATIONS": "100000",
+                    "MAX_WALLCLOCK_SECONDS": "25", "EXPORT_RESERVE_SECONDS": "5"}, tmp_path, nproc=4)
+    assert_ok(r, tmp_path, nproc=4)
+    lines = log_lines(tmp_path)
+    stop = next(l for l in lines if l.startswith("stop: "))
+    assert re.fullmatch(r"stop: predicted_budget at step \d+ on every rank \(world_size 4\)", stop), stop
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert sub["world_size"] == 4 and sub["steps"] == int(stop.split()[4])
+    assert "compliant: yes" in "\n".join(lines)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_two_process_teardown_leaves_no_gloo_threads(corpus_env, tmp_path):
     """Deterministic check of an exit-time abort seen once (gloo threads kept alive past
