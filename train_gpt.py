@@ -2395,14 +2395,16 @@ def stop_requested(d: Dist) -> int:
 
 def lost_process(e: BaseException) -> bool:
     """A collective that timed out or lost its peer (gloo and NCCL raise RuntimeError subclasses for both)."""
-    return isinstance(e, RuntimeError) and any(k in str(e) for k in ("gloo", "NCCL", "Connection closed by peer"))
+    keys = ("gloo", "NCCL", "Connection closed by peer", "pair closure", "Timed out", "timed out")
+    return isinstance(e, getattr(dist, "DistError", ())) or (isinstance(e, RuntimeError) and any(k in str(e) for k in keys))
 
-def error_line(e: BaseException, dist_timeout: float | str = "its value") -> str:
+def error_line(e: BaseException) -> str:
     """One line naming what failed; an OS error names its path; a lost process says so."""
     if isinstance(e, OSError) and not isinstance(e, GolfError):
         return f"{e.strerror or e}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
     if lost_process(e):
-        return (f"a process of this run stopped or died (a collective failed; DIST_TIMEOUT_SECONDS={dist_timeout}): "
+        timeout = os.environ.get("DIST_TIMEOUT_SECONDS", "300")
+        return (f"a process of this run stopped or died (a collective failed; DIST_TIMEOUT_SECONDS={timeout}): "
                 f"{str(e).strip().splitlines()[0][:200]}")
     if isinstance(e, KeyboardInterrupt):
         return "interrupted twice: stopped at once, without keeping anything unfinished"
@@ -2532,7 +2534,7 @@ def main() -> int:
         if not isinstance(e, (GolfError, OSError, KeyboardInterrupt)) and not lost_process(e):
             status["error"] = f"internal error {type(e).__name__}: {e} (traceback on stderr)"
             raise  # a bug: its traceback is the report
-        status.update(error=error_line(e, hp.dist_timeout_seconds), interrupted=isinstance(e, (Interrupted, KeyboardInterrupt)))
+        status.update(error=error_line(e), interrupted=isinstance(e, (Interrupted, KeyboardInterrupt)))
         log(f"error: {status['error']}", console=False)  # the console gets it on stderr from __main__
         raise
     finally:

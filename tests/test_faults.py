@@ -231,3 +231,56 @@ def test_packed_script_runs_bit_identically_and_counts_its_own_bytes(trained, co
     assert f"bytes:{packed.stat().st_size} readable_source_bytes:{len(source)} form:compressed" in code
     text = (out / "logs" / "test.txt").read_text()
     assert source.decode() in text  # the readable source, not the wrapper, is what the log embeds
+
+
+# -----------------------------------------------------------------------------------------------------
+# a lost rank: one error line within about DIST_TIMEOUT_SECONDS, not a hang or a gloo traceback
+# -----------------------------------------------------------------------------------------------------
+
+def rank_pid(out: Path, rank: int) -> int:
+    """The pid of the worker with RANK=rank whose OUTPUT_DIR is `out` (torchrun's child)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError):
+            continue
+        if env.get("OUTPUT_DIR") == str(out) and env.get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in env:
+            return int(proc.name)
+    raise AssertionError(f"no rank-{rank} worker for {out}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="needs Linux /proc")
+def test_a_stopped_rank_ends_the_run_with_one_error_line(corpus_env, tmp_path):
+    """Rank 1 is frozen (SIGSTOP) mid-training: rank 0's next collective times out after DIST_TIMEOUT_SECONDS and the
+    run ends with one `error:` line saying a process stopped or died, and the summary in rank 0's log."""
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update({**corpus_env, **LONG, "OUTPUT_DIR": str(tmp_path), "RUN_ID": "test", "OMP_NUM_THREADS": "1",
+                 "DIST_TIMEOUT_SECONDS": "10"})
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train_gpt.py")], env=full, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        wait_for(tmp_path, r"^step:3/", proc)
+        pid = rank_pid(tmp_path, 1)
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=240)
+        waited = time.time() - t0
+    finally:
+        if pid:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    ours = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert ours and all("a process of this run stopped or died" in l and "DIST_TIMEOUT_SECONDS=10" in l
+                        for l in ours), err[-3000:]
+    assert waited < 10 * 6 + 30, waited  # a few collectives' timeouts at most, then torchrun's teardown
+    tail = summary(tmp_path)
+    assert tail[1].startswith("result: FAILED: a process of this run stopped or died"), tail
+    assert not (tmp_path / "submission.json").exists() and no_tmp_files(tmp_path)

@@ -1,7 +1,7 @@
 """One-command check of the CUDA path: `./run.sh gpu-check` (or `python3 tools/gpu_check.py`).
 
-On a CUDA machine (under 7 minutes on one H100: the default --budget is 390 s, and every part starts
-only if its usual time is left), with synthetic or embedded-corpus tokens (no download):
+On a CUDA machine (its length is set by --budget, 390 s by default: every part starts only if its usual
+time is left), with synthetic or embedded-corpus tokens (no download):
   1. attention: the kernel configure_attention picks, and every SDPA backend's forward + backward time on
      one layer of the real micro-batch (48 x 2048, GQA 8/4 x 64, bf16), native GQA and with K/V copied;
   2. training (benchmarks/bench_train.py, one process per variant): the submitted configuration as
