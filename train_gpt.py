@@ -320,8 +320,7 @@ def sync(d: Dist) -> None:
         torch.cuda.synchronize(d.device)
 
 class RunLog:
-    """Rank-0 `key:value` lines to stdout and logs/<RUN_ID>.txt; an unwritable log file (a full disk) is said once
-    on stderr and the run goes on, printing to the console only."""
+    """Rank-0 `key:value` lines to stdout and logs/<RUN_ID>.txt; an unwritable file (full disk): said, console only."""
 
     def __init__(self, path: Path | None):
         self.path, self.file_ok = path, True
@@ -367,10 +366,9 @@ def describe_environment(d: Dist) -> list[str]:
 
 
 # ==================== Data and BPB accounting ========================================================
-# Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is
-# BOS (id 1) followed by its tokens. Every rank reads the same deterministic stream and takes its own
-# slice, so the global batch does not depend on WORLD_SIZE. BPB counts the UTF-8 bytes of the text each
-# target token adds, from three lookup tables built from the tokenizer.
+# Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is BOS (id 1)
+# then its tokens. Every rank reads the same stream and takes its slice, so the global batch does not depend on
+# WORLD_SIZE. BPB counts the UTF-8 bytes each target token adds, from three lookup tables of the tokenizer.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
@@ -405,8 +403,7 @@ def shard_files(data_path: str, split: str) -> list[Path]:
     return files
 
 def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
-    """Every train shard's header, size and token range at start-up, not when training reaches it (the scans
-    split over ranks and threads). Returns the token count."""
+    """Every train shard's header, size and token range at start-up (split over ranks and threads); token count."""
     files = shard_files(data_path, "train")
     counts = [check_shard(p) for p in files]
     mine = list(range(d.rank, len(files), d.world_size))
@@ -433,8 +430,7 @@ def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
         raise GolfError(f"{what}: token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
 
 class TokenStream:
-    """The train shards in order, forever (ids checked if vocab_size is given); the next shard is read in a
-    background thread (0.1-0.4 s per shard, off the step)."""
+    """The train shards in order, forever (ids checked if vocab_size is given), the next one read in a thread."""
 
     def __init__(self, data_path: str, vocab_size: int | None = None):
         self.files, self.vocab_size = shard_files(data_path, "train"), vocab_size
@@ -925,8 +921,7 @@ class ParallelMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, grads: list, clip_coef: torch.Tensor) -> None:
-        """Owners orthogonalize their shards; the bf16 updates are all-gathered (overlapping the next bank's
-        Newton-Schulz) and every rank applies all of them to its fp32 copy."""
+        """Owners orthogonalize their shards; the bf16 updates, all-gathered while the next bank runs, go everywhere."""
         updates = []
         for group, g in zip(self.param_groups, grads):
             p = group["params"][0]
@@ -1491,8 +1486,7 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | None = None) -> GPT:
-    """Rebuild the network from the artifact alone: every shape comes from its header (EVAL_ONLY included),
-    and it must have been trained with TOKENIZER_PATH's tokenizer (another one gives another BPB)."""
+    """Rebuild the network from the artifact alone (every shape from its header), trained with TOKENIZER_PATH's."""
     header, tensors = read_artifact(path)
     config = header["config"]
     if set(config) != set(MODEL_FIELDS) or config["vocab_size"] != hp.vocab_size:
@@ -2180,8 +2174,7 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
             artifact_bytes, write_error = -1, error_line(e)
     barrier()
     calib_s, export_s = t1 - t0, time.perf_counter() - t1
-    total = artifact_bytes + code_bytes
-    used = train.train_seconds + calib_s + export_s
+    total, used = artifact_bytes + code_bytes, train.train_seconds + calib_s + export_s
     limit = f"{hp.max_wallclock_seconds:.0f}s margin:{hp.max_wallclock_seconds - used:.1f}s" \
         if hp.max_wallclock_seconds > 0 else "none (step-based run)"
     log(f"budget: train_time:{train.train_seconds:.1f}s calibration_time:{calib_s:.1f}s export_time:{export_s:.1f}s "
@@ -2281,8 +2274,7 @@ def check_output_dir(out: Path, d: Dist) -> None:
         raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
 
 def lock_output_dir(out: Path, run_id: str):
-    """One run per OUTPUT_DIR (a second would overwrite the first's results): an flock on OUTPUT_DIR/.run.lock,
-    released when the process ends, however it ends; returns the open file."""
+    """One run per OUTPUT_DIR: an flock on OUTPUT_DIR/.run.lock, released however the process ends; the open file."""
     import fcntl
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -2447,13 +2439,11 @@ def log_startup_error(env, e: Exception) -> None:
     """A settings error comes before the run log exists: write one for it where OUTPUT_DIR allows (rank 0)."""
     if env.get("RANK", "0") != "0" or not env.get("OUTPUT_DIR", ".").strip():
         return
-    try:
+    with contextlib.suppress(OSError):
         logs = Path(env.get("OUTPUT_DIR", ".")) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         name = env.get("RUN_ID") or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_settings"
         (logs / f"{name}.txt").write_text(f"error: {error_line(e)}\n")
-    except OSError:
-        pass
 
 def main() -> int:
     """The whole job; returns the exit code (0 done, 3 done but a file could not be written)."""
