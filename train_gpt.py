@@ -1570,9 +1570,8 @@ def gather_to_main(obj, d: Dist) -> list | None:
     return out
 
 def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> dict | None:
-    """Quantize the unbanked `sd`; block matrices are those with a Hessian. Each rank runs GPTQ on its groups at
-    every width (the tied embedding: `embed_widths`), compressing in CPU threads meanwhile; then one exchange. On rank
-    0 {"rest": (metas, stream), "matrices": {name: {bits: ((metas, stream), error, rank)}}} (model order), else None."""
+    """Each rank GPTQs its groups of `sd`'s block matrices (those with a Hessian) at every width, compressing meanwhile;
+    rank 0 gets {"rest": (metas, stream), "matrices": {name: {bits: ((metas, stream), error, rank)}}}, others None."""
     key = {k: k.removesuffix(".weight") for k in sd}
     shapes = {key[k]: tuple(W.shape) for k, W in sd.items() if key[k] in hessians}
     mine = {}
@@ -2151,9 +2150,8 @@ def save_checkpoint(model: GPT, path: Path) -> str | None:
         return f"checkpoint not written: {error_line(e)}"
 
 def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
-    """Checkpoint, GPTQ calibration, quantization, serialization, budget and size checks. No artifact if even the
-    smallest widths overflow the cap; a budget overrun is kept, in `problems`. Either file is attempted if the other
-    cannot be written (a full disk); a lost checkpoint goes in `incomplete`, a lost artifact ends the run."""
+    """Checkpoint, calibration, quantization, serialization, budget and size checks (an overrun: `problems`). Each
+    file is attempted if the other cannot be written: a lost checkpoint is `incomplete`, a lost artifact is fatal."""
     t0 = time.perf_counter()
     incomplete = [why] if d.is_main and (why := save_checkpoint(model, out / "final_model.pt")) else []
     for line in incomplete:
@@ -2296,8 +2294,8 @@ def lock_output_dir(out: Path, run_id: str):
 RESULT_FILES = ("submission.json", "final_model.gptq.xz", "final_model.pt")
 
 def move_aside_previous(out: Path, log: RunLog) -> None:
-    """An earlier run's results go together to OUTPUT_DIR/previous/<time of the newest>/ (never deleted), so a
-    run that fails cannot leave them looking like its own. Called once the new run has passed its start-up checks."""
+    """An earlier run's results go together to OUTPUT_DIR/previous/<time of the newest>/, once this run has passed
+    its start-up checks: never deleted, and a run that fails cannot leave them looking like its own."""
     old = [out / n for n in RESULT_FILES if (out / n).exists()]
     if not old:
         return
