@@ -7,10 +7,9 @@ Reproduce from an artifact: EVAL_ONLY=final_model.gptq.xz torchrun --standalone 
 What it does, in data-flow order: read the tokenized FineWeb shards; train the model for at most
 MAX_WALLCLOCK_SECONDS with banked Parallel Muon + AdamW, EMA/SWA and late QAT; collect GPTQ Hessians from
 training data and quantize every block matrix by GPTQ to int4, int5 or int6, the widths chosen to fit the
-cap (inside the same budget); write an LZMA-compressed,
-self-describing artifact whose bytes plus this file's bytes must stay under 16,000,000; rebuild the model
-from that file alone and score the validation split in one causal pass that mixes the model with an exact
-n-gram cache and adapts LoRA weights on text it has already scored.
+cap (inside the same budget); write an LZMA-compressed, self-describing artifact whose bytes plus this file's
+bytes must stay under 16,000,000; rebuild the model from that file alone and score the validation split in one
+causal pass that mixes the model with an exact n-gram cache and adapts LoRA weights on text it has already scored.
 
 Rules kept at evaluation (the contest's validity conditions):
   C1 causal       the prediction for token t uses only the artifact and tokens < t;
@@ -21,25 +20,8 @@ Rules kept at evaluation (the contest's validity conditions):
 
 # ==================== Imports ========================================================================
 
-import collections
-import contextlib
-import copy
-import dataclasses
-import datetime
-import glob
-import base64
-import hashlib
-import io
-import json
-import lzma
-import math
-import os
-import platform
-import signal
-import struct
-import subprocess
-import sys
-import time
+import base64, collections, contextlib, copy, dataclasses, datetime, glob, hashlib, io, json, lzma, math, os, platform
+import signal, struct, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -298,14 +280,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
+    is_main = property(lambda self: self.rank == 0)
+    is_cuda = property(lambda self: self.device.type == "cuda")
 
 def init_distributed(timeout_seconds: float = 300.0) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -321,19 +297,22 @@ def init_distributed(timeout_seconds: float = 300.0) -> Dist:
                                 timeout=datetime.timedelta(seconds=timeout_seconds))
     return Dist(rank, world_size, device)
 
+def multi_process() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce ('sum', 'avg' or 'max'); returns t. No-op for a single process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_process():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}[op])
     return t
 
 def broadcast(t: torch.Tensor, src: int) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_process():
         dist.broadcast(t, src)
     return t
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_process():
         dist.barrier()
 
 def sync(d: Dist) -> None:
@@ -341,8 +320,7 @@ def sync(d: Dist) -> None:
         torch.cuda.synchronize(d.device)
 
 class RunLog:
-    """Rank-0 log: `key:value` lines to stdout and to logs/<RUN_ID>.txt. A log file that cannot be written (a
-    full disk) is said once on stderr; the run goes on, printing to the console only."""
+    """Rank-0 `key:value` lines to stdout and logs/<RUN_ID>.txt; an unwritable file (full disk): said, console only."""
 
     def __init__(self, path: Path | None):
         self.path, self.file_ok = path, True
@@ -355,19 +333,17 @@ class RunLog:
             return
         if console or not self.file_ok:
             print(msg, flush=True)
-        if not self.file_ok:
-            return
         try:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(msg + "\n")
+            if self.file_ok:
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(msg + "\n")
         except OSError as e:
             self.file_ok = False
             print(f"warning: the run log {self.path} cannot be written ({e.strerror or e}); console only from here",
                   file=sys.stderr, flush=True)
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to <path>.tmp, then rename: a reader never sees a half-written file, and on failure (a full disk)
-    the partial .tmp is removed and the OSError names the path."""
+    """Write <path>.tmp, then rename (never a half-written file); on failure the .tmp goes, the OSError names path."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_bytes(data)
@@ -377,8 +353,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: a container's or a job scheduler's share), not the
-    machine's count, which os.cpu_count() reports."""
+    """The CPUs this process may run on (its affinity: a container's or scheduler's share), not os.cpu_count()."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 def describe_environment(d: Dist) -> list[str]:
@@ -391,10 +366,9 @@ def describe_environment(d: Dist) -> list[str]:
 
 
 # ==================== Data and BPB accounting ========================================================
-# Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is
-# BOS (id 1) followed by its tokens. Every rank reads the same deterministic stream and takes its own
-# slice, so the global batch does not depend on WORLD_SIZE. BPB counts the UTF-8 bytes of the text each
-# target token adds, from three lookup tables built from the tokenizer.
+# Shards: 256 little-endian int32 header [20240520, 1, N, 0...] then N uint16 tokens; every document is BOS (id 1)
+# then its tokens. Every rank reads the same stream and takes its slice, so the global batch does not depend on
+# WORLD_SIZE. BPB counts the UTF-8 bytes each target token adds, from three lookup tables of the tokenizer.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
@@ -416,7 +390,6 @@ def check_shard(path: Path) -> int:
     return n
 
 def load_data_shard(path: Path) -> torch.Tensor:
-    """Read one shard as an int32 tensor; reject a wrong magic, version or size, naming the file."""
     n = check_shard(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int32))
@@ -430,8 +403,7 @@ def shard_files(data_path: str, split: str) -> list[Path]:
     return files
 
 def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
-    """Every train shard's header, size and token range, checked at start-up rather than when training
-    reaches it: the shards are split over ranks and scanned in parallel threads. Returns the token count."""
+    """Every train shard's header, size and token range at start-up (split over ranks and threads); token count."""
     files = shard_files(data_path, "train")
     counts = [check_shard(p) for p in files]
     mine = list(range(d.rank, len(files), d.world_size))
@@ -442,8 +414,7 @@ def check_train_shards(data_path: str, vocab_size: int, d: Dist) -> int:
         top[mine] = torch.tensor(list(pool.map(scan, mine)), dtype=torch.float64)
     top = all_reduce(top.to(d.device), "max").cpu()
     for path, m in zip(files, top.tolist()):
-        if m >= vocab_size:
-            raise GolfError(f"train shard {path}: token id {int(m)} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
+        check_token_range(torch.tensor(m), vocab_size, f"train shard {path}")
     return sum(counts)
 
 def load_validation_tokens(data_path: str, vocab_size: int) -> torch.Tensor:
@@ -459,8 +430,7 @@ def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
         raise GolfError(f"{what}: token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
 
 class TokenStream:
-    """The train shards in order, forever (ids checked against vocab_size if given); `take(n)` returns the
-    next n tokens. The next shard is read in a background thread (0.1-0.4 s per shard, off the step)."""
+    """The train shards in order, forever (ids checked if vocab_size is given), the next one read in a thread."""
 
     def __init__(self, data_path: str, vocab_size: int | None = None):
         self.files, self.vocab_size = shard_files(data_path, "train"), vocab_size
@@ -481,16 +451,13 @@ class TokenStream:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
                 self.tokens, self.pos = self.next.result(), 0  # a bad shard raises here, when it is needed
                 self.next = self.prefetch.submit(self._load, (self.file_idx + 1) % len(self.files))
-            piece = self.tokens[self.pos:self.pos + n]
-            parts.append(piece)
-            self.pos += piece.numel()
-            n -= piece.numel()
+            parts.append(self.tokens[self.pos:self.pos + n])
+            self.pos, n = self.pos + parts[-1].numel(), n - parts[-1].numel()
         return torch.cat(parts)
 
 class DistributedTokenLoader:
-    """Each call takes the next global micro-batch of n tokens plus the one after it (the same on every rank,
-    so every pair of the stream is trained on once whatever WORLD_SIZE is); returns this rank's (x, y) and the
-    whole micro-batch (every rank counts the same bigrams for the complementary loss)."""
+    """The next global micro-batch plus one token, the same on every rank (every pair of the stream trained on once
+    whatever WORLD_SIZE is): this rank's (x, y) and the whole micro-batch (for the complementary loss's bigrams)."""
 
     def __init__(self, data_path: str, d: Dist, vocab_size: int):
         self.stream, self.d = TokenStream(data_path, vocab_size), d
@@ -533,8 +500,7 @@ def load_tokenizer(path: str, vocab_size: int):
 
 def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:  # the contest's baseline build_sentencepiece_luts
     base = torch.zeros(vocab_size, dtype=torch.int16)
-    space = torch.zeros(vocab_size, dtype=torch.bool)
-    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    space, boundary = torch.zeros(vocab_size, dtype=torch.bool), torch.zeros(vocab_size, dtype=torch.bool)
     for i in range(vocab_size):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True
@@ -548,8 +514,7 @@ def build_byte_luts(sp, vocab_size: int) -> ByteLUTs:  # the contest's baseline 
     return ByteLUTs(base, space, boundary)
 
 def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts: ByteLUTs) -> torch.Tensor:
-    """Bytes of text each target adds: its piece, plus the space of a leading "▁" unless it follows a
-    boundary token (the decoder drops the space at the start of a document)."""
+    """Bytes each target adds: its piece, plus a leading "▁"'s space unless it follows a boundary (BOS drops it)."""
     extra = luts.has_leading_space[tgt] & ~luts.is_boundary[prev]
     return luts.base_bytes[tgt].to(torch.int64) + extra.to(torch.int64)
 
@@ -887,10 +852,9 @@ def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
 
 
 # ==================== Optimizers =====================================================================
-# Parallel Muon for the four banks: after backward each bank's gradient is reduce-scattered (averaged) so
-# each rank owns whole matrices; the owner applies Nesterov momentum, orthogonalizes with Newton-Schulz
-# in bf16, scales, decays and steps its shard; the new shards are all-gathered while the next bank is
-# being computed. No DDP: the small replicated parameters (AdamW) get one flat all-reduce.
+# Parallel Muon for the four banks: each bank's gradient is reduce-scattered so each rank owns whole matrices,
+# whose owner runs Nesterov momentum and bf16 Newton-Schulz; the updates are all-gathered while the next bank is
+# computed. No DDP: the small replicated parameters (AdamW) get one flat all-reduce.
 
 # Muon and its quintic Newton-Schulz: Keller Jordan (modded-nanogpt), via the contest's baseline train_gpt.py
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -899,8 +863,7 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate the orthogonal polar factor U V^T of each matrix in G (..., R, C), in bf16.
-    The quintic pushes singular values into roughly [0.7, 1.2] rather than exactly 1 (fast, good enough)."""
+    """U V^T of each matrix in G (..., R, C), in bf16; the quintic puts singular values in ~[0.7, 1.2], not at 1."""
     a, b, c = NS_COEFFS
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
@@ -914,12 +877,10 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
 
 # Parameter banks + Parallel Muon: PR #399 (used by the merged record PR #549); decoupled WD: PR #65/#162 line
 class ParallelMuon(torch.optim.Optimizer):
-    """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices; `lrs` (N,) per matrix
-    (encoder/decoder split), `lr_mult` and `momentum` set by the schedule. Use: `launch_reduce_scatter()` after
-    backward, `wait_reduce_scatter()`, `owned_grad_sq_norm(grads)` for the global clip, `step(grads, clip)`."""
+    """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices; `lrs` (N,) per matrix. Use:
+    launch_reduce_scatter() after backward, wait_reduce_scatter(), owned_grad_sq_norm(grads) to clip, step()."""
 
-    def __init__(self, banks: list, lrs: list, momentum: float, weight_decay: float, backend_steps: int,
-                 d: Dist):
+    def __init__(self, banks: list, lrs: list, momentum: float, weight_decay: float, backend_steps: int, d: Dist):
         groups = [dict(params=[p], lrs=lr.to(p.device), lr_mult=1.0, momentum=momentum) for p, lr in zip(banks, lrs)]
         super().__init__(groups, dict(weight_decay=weight_decay, backend_steps=backend_steps))
         self.d, self._pending = d, []
@@ -931,8 +892,7 @@ class ParallelMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def launch_reduce_scatter(self) -> None:
-        """Average each bank's gradient onto its owners, in bf16 (half the bytes of fp32; Newton-Schulz
-        runs in bf16 anyway). Rows are padded to a multiple of the world size."""
+        """Average each bank's gradient onto its owners in bf16 (Newton-Schulz runs in bf16 anyway), rows padded."""
         self._pending = []
         for group in self.param_groups:
             p = group["params"][0]
@@ -961,8 +921,7 @@ class ParallelMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, grads: list, clip_coef: torch.Tensor) -> None:
-        """Owners orthogonalize their shards; the bf16 updates are all-gathered (overlapping the next bank's
-        Newton-Schulz) and every rank applies all of them to its fp32 copy, identically everywhere."""
+        """Owners orthogonalize their shards; the bf16 updates, all-gathered while the next bank runs, go everywhere."""
         updates = []
         for group, g in zip(self.param_groups, grads):
             p = group["params"][0]
@@ -987,8 +946,7 @@ class ParallelMuon(torch.optim.Optimizer):
             p[lo:hi].mul_(1 - lr * group["weight_decay"]).sub_(lr * update)  # decoupled weight decay
 
 def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
-    """ParallelMuon for the banks; AdamW for embeddings (EMBED_LR) and every other small tensor
-    (SCALAR_LR). Returns (muon, adam, replicated params)."""
+    """ParallelMuon for the banks; AdamW for embeddings (EMBED_LR) and the rest (SCALAR_LR): (muon, adam, params)."""
     L, n_enc = hp.num_layers, hp.num_encoder_layers
     layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])  # PR #850
     banks = [getattr(model, name) for name in BANKS]
@@ -997,16 +955,14 @@ def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
     named = [(n, p) for n, p in model.named_parameters() if n not in BANKS]
     embeds = [p for n, p in named if n in EMBEDDING_NAMES]
     scalars = [p for n, p in named if n not in EMBEDDING_NAMES]
-    adam = torch.optim.AdamW(
-        [dict(params=embeds, lr=hp.embed_lr, base_lr=hp.embed_lr),
-         dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)],
-        betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=d.is_cuda)
+    groups = [dict(params=ps, lr=lr, base_lr=lr) for ps, lr in ((embeds, hp.embed_lr), (scalars, hp.scalar_lr))]
+    adam = torch.optim.AdamW(groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
+                             fused=d.is_cuda)
     return muon, adam, embeds + scalars
 
 def all_reduce_grads(params: list, op: str = "avg", wait: bool = True):
-    """One flat all-reduce for all replicated parameters' gradients. wait=False returns at once with a
-    function that waits and copies the result back: the reduction runs while the caller does other work."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    """One flat all-reduce of the replicated gradients; wait=False returns the function that waits and copies back."""
+    if not multi_process():
         return None if wait else (lambda: None)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -1361,14 +1317,11 @@ def log_train_step(hp, step: int, loss: float, shared: list, lr_mult: float, qat
 
 
 # ==================== Quantization and serialization =================================================
-# README "Export". Block matrices: full-Hessian GPTQ (Frantar et al. 2022, names follow IST-DASLab's gptq.py) with
-# H = mean x^T x of the matrix's inputs over calibration sequences of training data, taken inside the
-# training budget, at every width of QUANT_BITS in one sweep. Embedding tables: int8 per row. Tensors of
-# <= 65,536 elements: fp16. The artifact is magic | u32 header length | JSON header | u32 length of each
-# stream | the streams: independent xz streams, one per block matrix and one for everything else (no
-# pickle). Its size is a constant plus the sum of the streams' sizes, so every width of every matrix has
-# its real compressed bytes and Hessian-weighted error before anything is written, and the widths are
-# chosen to fit ARTIFACT_SIZE_CAP by construction (`allocate_bits`).
+# README "Export". Block matrices: full-Hessian GPTQ (Frantar et al. 2022, names follow IST-DASLab's gptq.py), H from
+# training data inside the training budget, every width of QUANT_BITS in one sweep. Embeddings: int8 rows; tensors
+# of <= 65,536 elements: fp16. Artifact: magic | u32 header length | JSON header | u32 length of each stream | the
+# streams (xz, one per block matrix, one for the rest; no pickle). Its size is a constant plus the streams' sizes,
+# so every candidate's real bytes and error are known before writing, and `allocate_bits` fits the cap by construction.
 
 ARTIFACT_MAGIC = b"PGOLF\x06"
 ARTIFACT_VERSION = 2
@@ -1391,9 +1344,8 @@ def hessian_weighted_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor
     return ((E @ H.float()) * E).sum(dim=1)
 
 def _gptq_columns(WT: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qmax: torch.Tensor, block_size: int):
-    """The GPTQ sweep over permuted columns with lazy batched updates, on W^T (C, R) so that a column is
-    contiguous (~2x faster on a CPU). WT is updated in place; Hinv is the upper Cholesky factor of H^-1;
-    scale and qmax (R,) per row. Returns Q^T (C, R) as float."""
+    """The GPTQ sweep with lazy batched updates on W^T (C, R), a column contiguous (~2x faster on a CPU); WT is
+    updated in place; Hinv: upper Cholesky factor of H^-1; scale, qmax (R,). Returns Q^T (C, R), float."""
     QT = torch.zeros_like(WT)
     for i1 in range(0, WT.size(0), block_size):
         i2 = min(i1 + block_size, WT.size(0))
@@ -1408,12 +1360,10 @@ def _gptq_columns(WT: torch.Tensor, Hinv: torch.Tensor, scale: torch.Tensor, qma
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_size: int = 128,
                   percdamp: float = 0.01, clip_levels: tuple = (1.0,)) -> dict:
-    """Full-Hessian GPTQ of W (R, C) given H (C, C) at every width in `bits`. Columns in descending diag(H)
-    order; damping percdamp * mean(diag H); the upper Cholesky factor of H^-1. Every (width, clip level)
-    runs in one sweep, stacked as extra rows with their own scale and qmax (GPTQ treats rows independently);
-    per width, each row keeps the clip level whose Hessian-weighted error *after* GPTQ is smallest.
-    Returns {b: (Q int8 (R, C), scale fp16 (R,), error (R,))}. GPTQ: arXiv:2210.17323; full-Hessian int5 GPTQ
-    here: PR #850 (GPTQ baseline PR #414); the per-row clip search is PR #850's, chosen here after GPTQ."""
+    """GPTQ of W (R, C) given H (C, C), columns by descending diag(H), damping percdamp * mean(diag H). Every
+    (width, clip level) runs in one sweep as extra rows (GPTQ treats rows independently); per width each row keeps
+    the clip with the least Hessian-weighted error *after* GPTQ. Returns {b: (Q int8, scale fp16, error (R,))}.
+    GPTQ: arXiv:2210.17323; full-Hessian int5 GPTQ: PR #850 (baseline PR #414); per-row clip search: PR #850's."""
     W, H = W.float().clone(), H.float().clone()
     R, C = W.shape
     dead = torch.diag(H) == 0
@@ -1440,8 +1390,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: tuple = (5,), block_si
             for j, b in enumerate(bits)}
 
 def _codes_per_byte(bits: int) -> int:
-    """Widths that divide 8 (int4) are packed, the others stored one per byte: after LZMA, int4 packed two
-    to a byte is 0.9% smaller, int5/int6 bit-packed 9%/6% larger (logs/bench_quant_embedded_cpu.txt)."""
+    """Widths that divide 8 are packed, others one per byte: after LZMA, int4 two to a byte is 0.9% smaller,
+    int5/int6 bit-packed 9%/6% larger (logs/bench_quant_embedded_cpu.txt)."""
     return 8 // bits if 8 % bits == 0 else 1
 
 def pack_codes(Q: torch.Tensor, bits: int) -> bytes:
@@ -1536,8 +1486,7 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | None = None) -> GPT:
-    """Rebuild the network from the artifact alone: every shape comes from its header (EVAL_ONLY included),
-    and it must have been trained with TOKENIZER_PATH's tokenizer (another one gives another BPB)."""
+    """Rebuild the network from the artifact alone (every shape from its header), trained with TOKENIZER_PATH's."""
     header, tensors = read_artifact(path)
     config = header["config"]
     if set(config) != set(MODEL_FIELDS) or config["vocab_size"] != hp.vocab_size:
@@ -1621,10 +1570,8 @@ def gather_to_main(obj, d: Dist) -> list | None:
     return out
 
 def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> dict | None:
-    """Quantize the unbanked state dict `sd`; its block matrices are those with a Hessian. Every rank runs
-    GPTQ on its groups at every width of QUANT_BITS (the tied embedding: `embed_widths`), compressing each
-    candidate in CPU threads while its next group runs; then one exchange. Returns on rank 0 {"rest": (metas, stream) of everything else,
-    "matrices": {name: {bits: ((metas, stream), error, rank)}}} (model order), None on the other ranks."""
+    """Each rank GPTQs its groups of `sd`'s block matrices (those with a Hessian) at every width, compressing meanwhile;
+    rank 0 gets {"rest": (metas, stream), "matrices": {name: {bits: ((metas, stream), error, rank)}}}, others None."""
     key = {k: k.removesuffix(".weight") for k in sd}
     shapes = {key[k]: tuple(W.shape) for k, W in sd.items() if key[k] in hessians}
     mine = {}
@@ -1649,12 +1596,11 @@ def quantize_model(sd: dict, hessians: dict, hp: Hyperparameters, d: Dist) -> di
     rest = {k: quantize_tensor(k, W) for k, W in sd.items() if key[k] not in shapes}
     return dict(rest=encode_stream(rest), matrices={n: matrices[n] for n in shapes})
 
-def allocate_bits(sizes: dict, errors: dict, budget: int, start: dict | None = None, base: int = BASE_BITS) -> tuple:
-    """Each matrix's width so that sum(sizes[n][width]) <= budget, greedily from `start` (default all-`base`), one width step
-    at a time: while over, lower the matrix whose error rises least per byte saved; then, while a raise fits,
-    raise the matrix whose error drops most per byte added (one that would not fit is passed over for one
-    that does). Returns (choice, [(name, old, new, total after)], total); total > budget if nothing fits."""
-    choice = {n: (start or {}).get(n, base) for n in sizes}
+def allocate_bits(sizes: dict, errors: dict, budget: int, start: dict) -> tuple:
+    """Widths with sum(sizes[n][width]) <= budget, from `start` one step at a time: while over, lower the matrix
+    whose error rises least per byte saved; then, while a raise fits, raise the one whose error drops most per byte
+    added. Returns (choice, [(name, old, new, total after)], total); total > budget if nothing fits."""
+    choice = dict(start)
     total, moves = sum(sizes[n][b] for n, b in choice.items()), []
 
     def step(n, up):  # (width, byte change, error change) of n's next width step, or None
@@ -1675,9 +1621,8 @@ def allocate_bits(sizes: dict, errors: dict, budget: int, start: dict | None = N
         choice[n] = w
 
 def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) -> int:
-    """Choose the widths (`allocate_bits` on the measured stream sizes) so that the artifact is at most
-    `budget` bytes, write it and return its size; where even the smallest widths do not fit, write nothing
-    and return the size they give (> budget). Logs every candidate and every decision."""
+    """Choose the widths (`allocate_bits` on the measured stream sizes) to fit `budget`, write, return the size;
+    where even the smallest widths do not fit, write nothing and return their size (> budget). Logs every step."""
     mats, rest = q["matrices"], q["rest"]
     sizes = {n: {b: len(c[b][0][1]) for b in c} for n, c in mats.items()}
     errors = {n: {b: c[b][1] for b in c} for n, c in mats.items()}
@@ -2158,10 +2103,9 @@ def save_dump(dump: dict, path: str, d: Dist, audit_pos: torch.Tensor, orders: l
 
 
 # ==================== main ===========================================================================
-# Orchestration only. Time accounting: the training budget (MAX_WALLCLOCK_SECONDS) covers the training
-# steps, GPTQ calibration and export; the evaluation budget (EVAL_BUDGET_SECONDS) runs from the first load of
-# the artifact to the final integrated number, and includes the contiguous round-trip eval of the loaded model.
-# Progress validation passes are outside both and logged separately.
+# Orchestration only. The training budget (MAX_WALLCLOCK_SECONDS) covers the training steps, GPTQ calibration and
+# export; the evaluation budget (EVAL_BUDGET_SECONDS) runs from the first load of the artifact to the final number,
+# the contiguous round-trip eval included. Progress validation passes are outside both and logged separately.
 
 SUBMISSION_NAME = "Valid complementary n-gram + mixed-width GPTQ + LoRA TTT"
 WRAPPER_HEAD = b'import lzma,base64\nexec(compile(lzma.decompress(base64.b85decode("'
@@ -2179,8 +2123,7 @@ def unpack_source(blob: bytes) -> bytes:
     return lzma.decompress(base64.b85decode(blob[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]))
 
 def code_identity() -> tuple:
-    """(bytes of the file this run was started from (counted against the cap), its readable source (in the
-    log), the source's sha256 (in the artifact: the same for both forms))."""
+    """(bytes of the file run (counted in the cap), its readable source (logged), the source's sha256 (artifact))."""
     blob = Path(__file__).read_bytes()
     source = unpack_source(blob)
     return len(blob), source.decode("utf-8"), hashlib.sha256(source).hexdigest()
@@ -2203,15 +2146,12 @@ def save_checkpoint(model: GPT, path: Path) -> str | None:
     torch.save(model.state_dict(), buf)
     try:
         write_atomic(path, buf.getvalue())
-        return None
     except OSError as e:
         return f"checkpoint not written: {error_line(e)}"
 
 def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, train: TrainResult) -> dict:
-    """Checkpoint, GPTQ calibration, quantization, serialization; the budget and size checks. The artifact
-    becomes final_model.gptq.xz unless even the smallest widths cannot fit the cap; an overrun of the
-    budget is kept and returned in `problems`. Either file is attempted if the other cannot be written (a full
-    disk); a lost checkpoint is returned in `incomplete`, a lost artifact ends the run."""
+    """Checkpoint, calibration, quantization, serialization, budget and size checks (an overrun: `problems`). Each
+    file is attempted if the other cannot be written: a lost checkpoint is `incomplete`, a lost artifact is fatal."""
     t0 = time.perf_counter()
     incomplete = [why] if d.is_main and (why := save_checkpoint(model, out / "final_model.pt")) else []
     for line in incomplete:
@@ -2232,8 +2172,7 @@ def export(model: GPT, hp: Hyperparameters, d: Dist, log: RunLog, out: Path, tra
             artifact_bytes, write_error = -1, error_line(e)
     barrier()
     calib_s, export_s = t1 - t0, time.perf_counter() - t1
-    total = artifact_bytes + code_bytes
-    used = train.train_seconds + calib_s + export_s
+    total, used = artifact_bytes + code_bytes, train.train_seconds + calib_s + export_s
     limit = f"{hp.max_wallclock_seconds:.0f}s margin:{hp.max_wallclock_seconds - used:.1f}s" \
         if hp.max_wallclock_seconds > 0 else "none (step-based run)"
     log(f"budget: train_time:{train.train_seconds:.1f}s calibration_time:{calib_s:.1f}s export_time:{export_s:.1f}s "
@@ -2333,8 +2272,7 @@ def check_output_dir(out: Path, d: Dist) -> None:
         raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
 
 def lock_output_dir(out: Path, run_id: str):
-    """One run per OUTPUT_DIR: a second one would overwrite the first one's results. An flock on
-    OUTPUT_DIR/.run.lock, which the system releases when the process ends, however it ends; returns the open file."""
+    """One run per OUTPUT_DIR: an flock on OUTPUT_DIR/.run.lock, released however the process ends; the open file."""
     import fcntl
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -2356,8 +2294,8 @@ def lock_output_dir(out: Path, run_id: str):
 RESULT_FILES = ("submission.json", "final_model.gptq.xz", "final_model.pt")
 
 def move_aside_previous(out: Path, log: RunLog) -> None:
-    """An earlier run's results go together to OUTPUT_DIR/previous/<time of the newest>/ (never deleted), so a
-    run that fails cannot leave them looking like its own. Called once the new run has passed its start-up checks."""
+    """An earlier run's results go together to OUTPUT_DIR/previous/<time of the newest>/, once this run has passed
+    its start-up checks: never deleted, and a run that fails cannot leave them looking like its own."""
     old = [out / n for n in RESULT_FILES if (out / n).exists()]
     if not old:
         return
@@ -2375,9 +2313,8 @@ class Interrupted(GolfError):
         self.signum = signum
 
 class StopSignal:
-    """The first SIGINT/SIGTERM asks the run to stop at the next training step or evaluation chunk (every rank at
-    the same one: the flag travels in SharedClock's max-all-reduce, or in `stop_requested`); a second one
-    stops the process at once."""
+    """The first SIGINT/SIGTERM stops the run at the next training step or eval chunk, on every rank the same (the
+    flag travels in SharedClock's max-all-reduce or `stop_requested`); a second one stops the process at once."""
     received = 0
 
     @classmethod
@@ -2411,10 +2348,8 @@ def error_line(e: BaseException) -> str:
     return str(e)
 
 def log_summary(log: RunLog, status: dict) -> None:
-    """The last lines of a run: what it produced, whether it is a valid record (and what was checked to say so),
-    and where everything is."""
-    bar = "=" * 30
-    log(f"{bar} summary {bar}")
+    """The last lines of a run: what it produced, whether it is a valid record (what was checked), where it is."""
+    log(f"{'=' * 30} summary {'=' * 30}")
     if "error" in status:
         log(f"result: {'INTERRUPTED' if status.get('interrupted') else 'FAILED'}: {status['error']}")
     elif "val_bpb" in status:
@@ -2504,13 +2439,11 @@ def log_startup_error(env, e: Exception) -> None:
     """A settings error comes before the run log exists: write one for it where OUTPUT_DIR allows (rank 0)."""
     if env.get("RANK", "0") != "0" or not env.get("OUTPUT_DIR", ".").strip():
         return
-    try:
+    with contextlib.suppress(OSError):
         logs = Path(env.get("OUTPUT_DIR", ".")) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         name = env.get("RUN_ID") or f"{datetime.datetime.now():%Y%m%d_%H%M%S}_settings"
         (logs / f"{name}.txt").write_text(f"error: {error_line(e)}\n")
-    except OSError:
-        pass
 
 def main() -> int:
     """The whole job; returns the exit code (0 done, 3 done but a file could not be written)."""

@@ -84,7 +84,7 @@ def x_lowrank(n, C, g):
 X_KINDS = {"decaying": x_decaying, "outliers": x_outliers, "lowrank": x_lowrank}
 
 
-def hessian(kind, n=4096, C=512, seed=0):
+def hessian(kind, n=4096, C=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = X_KINDS[kind](n, C, g)
     return X.T @ X / n
@@ -105,7 +105,7 @@ def test_gptq_matches_loop_reference(hessians, block_size):
     the same integers (float reassociation can flip a near-tie, which then propagates along its row),
     same Hessian-weighted error within 1%."""
     H = hessians["decaying"]
-    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(1)) * 0.05
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     Q, scale = gq(W, H, block_size, (1.0,))
     Qr, sr = ref_gptq(W, H)
     assert Q.dtype == torch.int8 and scale.dtype == torch.float16
@@ -119,13 +119,13 @@ def test_gptq_matches_loop_reference(hessians, block_size):
 
 
 @pytest.mark.parametrize("std", [0.05, 1.0])
-@pytest.mark.parametrize("rows", [512, 1536])
+@pytest.mark.parametrize("rows", [256, 768])
 @pytest.mark.parametrize("kind", list(X_KINDS))
 def test_gptq_synthetic_layers(hessians, kind, rows, std):
     """Correlated synthetic layers: GPTQ (default clip levels) never loses to round-to-nearest in the
     Hessian-weighted error, and GPTQ with a single clip level is within 1% of the loop reference."""
     H = hessians[kind]
-    W = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows + int(std * 100))) * std
+    W = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows + int(std * 100))) * std
     Qd, sd = gq(W, H, 128, DEFAULT_CLIPS)
     Qn, sn = tg.quantize_rtn(W, 5)
     e_gptq, e_rtn = h_err(W, Qd, sd, H), h_err(W, Qn, sn, H)
@@ -146,7 +146,7 @@ def test_gptq_clip_level_chosen_per_row_after_gptq(hessians):
     that single level and its error is the minimum over the levels. (Choosing by the round-to-nearest
     error or the plain MSE before GPTQ picks another level on most rows here, with up to ~90% more error.)"""
     H = hessians["decaying"]
-    W = torch.randn(128, 512, generator=torch.Generator().manual_seed(11)) * 0.05
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(11)) * 0.05
     runs = [gq(W, H, 128, (c,)) for c in DEFAULT_CLIPS]
     E = torch.stack([tg.hessian_weighted_error(W, tg.dequantize(Q, s), H) for Q, s in runs])  # (K, R)
     S = torch.stack([s for _, s in runs])
@@ -164,8 +164,8 @@ def test_gptq_clip_level_chosen_per_row_after_gptq(hessians):
 
 def test_gptq_identity_hessian_is_round_to_nearest():
     """With H = I there is nothing to compensate: GPTQ is exactly round-to-nearest with the same scales."""
-    W = torch.randn(384, 512, generator=torch.Generator().manual_seed(3)) * 0.05
-    Q, scale = gq(W, torch.eye(512), 128, (1.0,))
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+    Q, scale = gq(W, torch.eye(256), 128, (1.0,))
     Qn, sn = tg.quantize_rtn(W, 5)
     assert torch.equal(scale, sn)
     assert torch.equal(Q, Qn)
@@ -179,7 +179,7 @@ def test_gptq_invariant_to_hessian_scale(hessians):
     then propagate along their rows, ~0.3% of the error; that is float32 GPTQ, not a scale dependence,
     so this uses the outlier-channel H, where no integer flips.)"""
     H = hessians["outliers"]
-    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(4)) * 0.05
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(4)) * 0.05
     for clips in [(1.0,), DEFAULT_CLIPS]:
         Q, s = gq(W, H, 128, clips)
         for c in (4.0, 0.25):
@@ -220,7 +220,7 @@ def test_no_binding_scale_floor(hessians):
     """The scale follows the row maximum: weights of magnitude ~1e-3 quantize with the same relative error
     as weights of magnitude ~1 (a scale floor would zero them out)."""
     H = hessians["decaying"]
-    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(6))
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(6))
     rel = {}
     for mag in (1.0, 1e-3):
         Wm = W * mag
@@ -292,7 +292,7 @@ def test_qat_converged_matrix_exports_exactly(hessians, kind):
     point, every row on its grid) the int5 export is exactly the fake-quant output, with Hessian-weighted
     error 0, for every Hessian; the same for each matrix of a 3-D bank (as QAT sees the banks)."""
     g = torch.Generator().manual_seed(14)
-    bank = tg.fake_quant_int5(heavy_tailed((2, 256, 512), g), DEFAULT_CLIPS)
+    bank = tg.fake_quant_int5(heavy_tailed((2, 128, 256), g), DEFAULT_CLIPS)
     assert torch.equal(tg.fake_quant_int5(bank, DEFAULT_CLIPS), bank)
     for W in bank:
         res = tg.gptq_quantize(W, hessians[kind], (4, 5, 6), 128, 0.01, DEFAULT_CLIPS)
@@ -306,7 +306,7 @@ def test_gptq_widths_in_one_sweep_match_separate_sweeps(hessians):
     """All widths in one stacked sweep = one sweep per width (same scales; integers up to float
     reassociation near-ties), and the returned per-row error is the Hessian-weighted error."""
     H = hessians["outliers"]
-    W = heavy_tailed((128, 512), torch.Generator().manual_seed(15))
+    W = heavy_tailed((128, 256), torch.Generator().manual_seed(15))
     res = tg.gptq_quantize(W, H, (3, 4, 5, 6, 8), 64, 0.01, DEFAULT_CLIPS)
     for b, (Q, s, err) in res.items():
         Qs, ss = gq(W, H, 64, DEFAULT_CLIPS, bits=b)
@@ -478,7 +478,7 @@ def test_allocate_bits_small_tables():
             errors[f"m{i}"] = {b: e * 4.0 ** (5 - b) for b in (3, 4, 5, 6)}
         t5, t3 = sum(s[5] for s in sizes.values()), sum(s[3] for s in sizes.values())
         budget = int(t3 * 0.9 + float(torch.rand(1, generator=g)) * (sum(s[6] for s in sizes.values()) * 1.1 - t3 * 0.9))
-        choice, moves, total = tg.allocate_bits(sizes, errors, budget)
+        choice, moves, total = tg.allocate_bits(sizes, errors, budget, dict.fromkeys(sizes, 5))
         assert total == sum(sizes[k][b] for k, b in choice.items())
         assert [m[3] for m in moves][-1:] == ([total] if moves else [])
         if budget < min(t3, t5):
@@ -735,7 +735,7 @@ def test_run_size_accounting(main_run):
                 for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert {l[0] for l in lines} == expected and len(lines) == len(expected)
     assert all(0 < float(l[6]) < float(l[4]) < float(l[2]) for l in lines)
-    final = re.findall(r"^quant_alloc: widths:(\S+) tok_emb:int[678] artifact:(\d+) budget:(\d+) headroom:(\d+) ", log, re.M)
+    final = re.findall(r"^quant_alloc: widths:(\S+) tok_emb:int\d+ artifact:(\d+) budget:(\d+) headroom:(\d+) ", log, re.M)
     assert len(final) == 1 and int(final[0][1]) == serialized <= int(final[0][2])
     # the artifact the run wrote decodes on its own and records what wrote it
     header, tensors = tg.read_artifact(artifact)
