@@ -73,6 +73,7 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    embed_proj_init: str = "zero"         # zero | orthogonal (PR #850: BigramHash table 0, both projections orth/sqrt(2L))
     bigram_vocab_size: int = 4096
     bigram_dim: int = 128
     ve_dim: int = 128
@@ -225,6 +226,7 @@ class Hyperparameters:
         need(self.max_wallclock_seconds == 0 or self.export_reserve_seconds < self.max_wallclock_seconds,
              "EXPORT_RESERVE_SECONDS", "must be smaller than MAX_WALLCLOCK_SECONDS")
         need(0 < self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in (0, 1]")
+        need(self.embed_proj_init in ("zero", "orthogonal"), "EMBED_PROJ_INIT", "must be zero or orthogonal")
         need(self.attn_backend in ("auto", "fa3") + SDPA_ORDER, "ATTN_BACKEND", f"must be auto, fa3 or one of {SDPA_ORDER}")
         need(self.val_batch_tokens >= self.train_seq_len, "VAL_BATCH_TOKENS", "must hold one sequence")
         levels, widths = (_parse_list(fn) for fn in (self.clip_levels, self.bit_widths))
@@ -774,6 +776,12 @@ class GPT(nn.Module):
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D) if hp.bigram_vocab_size else None
         self.smear = SmearGate(D) if hp.smear_gate else None  # SmearGate: PR #65
         self.ve = ProjectedEmbedding(V, hp.ve_dim, hp.kv_dim) if hp.ve_last_n else None  # shared by the last layers
+        if hp.embed_proj_init == "orthogonal":  # PR #850's _iw: a BigramHash that starts at 0 with trainable projections
+            with torch.no_grad():
+                for emb in (e for e in (self.bigram, self.ve) if e is not None):
+                    nn.init.orthogonal_(emb.proj.weight).mul_(1.0 / math.sqrt(2 * L))
+                if self.bigram is not None:
+                    self.bigram.embed.weight.zero_()
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
         self.num_skips = hp.num_encoder_layers if hp.unet_skips else 0  # each encoder output has a decoder layer
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, D)) if self.num_skips else None

@@ -266,6 +266,25 @@ def test_output_projections_zero_init():
     assert torch.all(model.bigram.proj.weight == 0) and torch.all(model.ve.proj.weight == 0)
 
 
+def test_embed_proj_init_orthogonal_and_zero_default_unchanged():
+    """EMBED_PROJ_INIT=orthogonal (PR #850): BigramHash table 0, projections orthogonal / sqrt(2L); the default
+    draws exactly what it drew before the setting existed (same RNG stream: every tensor equal to a rebuild)."""
+    hp = tiny_hp(embed_proj_init="orthogonal")
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    assert torch.all(model.bigram.embed.weight == 0)
+    for emb in (model.bigram, model.ve):
+        W = emb.proj.weight * math.sqrt(2 * hp.num_layers)  # (out, in), out >= in here: orthonormal columns
+        assert torch.allclose(W.T @ W, torch.eye(W.size(1)), atol=1e-5)
+    torch.manual_seed(0)
+    a = tg.GPT(tiny_hp()).state_dict()
+    torch.manual_seed(0)
+    b = tg.GPT(tiny_hp(embed_proj_init="zero")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(tg.GolfError, match="EMBED_PROJ_INIT"):
+        tiny_hp(embed_proj_init="normal")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Causality
 # ----------------------------------------------------------------------------------------------------
