@@ -81,8 +81,9 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:  # each job is its own process
             res = dict(pool.map(one, jobs))
     if args.sweep:
-        lines = [f"sweep: {n:50s} " + " ".join(f"{t}:{res[n, t]['bpb']:.6f} ({res[n, t]['seconds']:.1f}s)" for t in texts)
-                 for n, _ in rows]
+        model_only = lambda r: re.search(r"model_only_bpb:(\S+)", r["parts"])[1]
+        lines = [f"sweep: {n:50s} " + " ".join(f"{t}:{res[n, t]['bpb']:.6f} model_only:{model_only(res[n, t])} "
+                                                 f"({res[n, t]['seconds']:.1f}s)" for t in texts) for n, _ in rows]
         print("\n".join(lines))
         if args.out:
             args.out.write_text("\n".join(lines) + "\n")
