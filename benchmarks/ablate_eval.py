@@ -45,7 +45,8 @@ def score(code: Path, artifact: Path, data: Path, tokenizer: Path, settings: dic
     bpb = float(re.search(r"^final_integrated_exact val_loss:\S+ val_bpb:(\S+)$", r.stdout, re.M)[1])
     ms = float(re.search(r"^final_integrated .*eval_time:(\d+)ms", r.stdout, re.M)[1])
     parts = re.search(r"^integrated_parts: (.*)$", r.stdout, re.M)[1]
-    return dict(bpb=bpb, seconds=ms / 1000, parts=parts)
+    phases = re.search(r"^integrated_phases: (.*)$", r.stdout, re.M)[1]  # seconds per phase of the pass
+    return dict(bpb=bpb, seconds=ms / 1000, parts=f"{parts} | {phases}")
 
 
 def main() -> None:
