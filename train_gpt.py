@@ -156,7 +156,7 @@ class Hyperparameters:
     eval_dump_path: str = ""              # .npz of per-target arrays for audits
     eval_audit_path: str = ""             # .npy of target positions whose full distributions the dump holds
     eval_learned_mix: bool = True         # fit the n-gram escape weights and temperature on scored chunks
-    ttt_enabled: bool = True
+    ttt_enabled: bool = False             # off: it cost 0.014-0.030 BPB on 2 artifacts x 2 texts (logs/ablate_eval_20261203_*)
     ttt_chunk_tokens: int = 65536
     ttt_temperature: float = 1.0          # the scoring temperature (the start value when it is learned)
     ttt_lora_rank: int = 8
