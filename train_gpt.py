@@ -156,7 +156,7 @@ class Hyperparameters:
     eval_dump_path: str = ""              # .npz of per-target arrays for audits
     eval_audit_path: str = ""             # .npy of target positions whose full distributions the dump holds
     eval_learned_mix: bool = True         # fit the n-gram escape weights and temperature on scored chunks
-    ttt_enabled: bool = False             # off: it cost 0.014-0.030 BPB on 2 artifacts x 2 texts (logs/ablate_eval_20261203_*)
+    ttt_enabled: bool = False             # off: cost 0.013-0.030 BPB, 2 artifacts x 2 texts (logs/ablate_eval_20261203_*)
     ttt_chunk_tokens: int = 65536
     ttt_temperature: float = 1.0          # the scoring temperature (the start value when it is learned)
     ttt_lora_rank: int = 8
@@ -1721,7 +1721,8 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
 # EVAL_SEQ_LEN, stride EVAL_STRIDE; windows split across ranks) with the LoRA weights and temperature
 # learned from earlier chunks; (2) mix the model's distribution with the Witten-Bell n-gram chain over
 # counts of earlier chunks only; (3) add the chunk to the cache and to the mixer's history, refit the
-# mixer; (4) TTT_STEPS LoRA steps on the chunk (not after the last). Every validity condition (C1-C4) is
+# mixer; (4) TTT_STEPS LoRA steps on the chunk; (3) and (4) not after the last. EVAL_MODE=doc: a step is a group of
+# documents, each scored from its own BOS (doc_schedule, DocTTT, phased_sgd). Every validity condition (C1-C4) is
 # tested in tests/test_eval_validity.py.
 
 def make_windows(n_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
