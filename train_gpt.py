@@ -126,6 +126,12 @@ class Hyperparameters:
     size_margin_bytes: int = 2048         # left under the cap: room to fix a comment in the code after a run
     # --- evaluation (README "Evaluation") ---
     eval_only: str = ""                   # path of an artifact: skip training, evaluate it
+    eval_mode: str = "sliding"            # sliding: one stream of sliding windows | doc: each document from its BOS
+    doc_chunk_tokens: int = 64            # doc mode: targets per score-then-adapt chunk of a document
+    phased_ttt_num_phases: int = 0        # doc mode: global SGD phases on the documents already scored (0: off)
+    phased_ttt_prefix_docs: int = 0       # the phases split the first this many documents
+    phased_ttt_lr: float = 0.001
+    phased_ttt_steps: int = 1             # SGD steps of the block matrices per phase
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_seqs: int = 32
@@ -133,7 +139,7 @@ class Hyperparameters:
     eval_dump_path: str = ""              # .npz of per-target arrays for audits
     eval_audit_path: str = ""             # .npy of target positions whose full distributions the dump holds
     eval_learned_mix: bool = True         # fit the n-gram escape weights and temperature on scored chunks
-    ttt_enabled: bool = True
+    ttt_enabled: bool = False             # off: cost 0.013-0.030 BPB, 2 artifacts x 2 texts (logs/ablate_eval_20261203_*)
     ttt_chunk_tokens: int = 65536
     ttt_temperature: float = 1.0          # the scoring temperature (the start value when it is learned)
     ttt_lora_rank: int = 8
@@ -200,7 +206,7 @@ class Hyperparameters:
         at_least = dict(num_layers=2, num_heads=1, num_kv_heads=1, ttt_last_n=1, train_seq_len=2, train_batch_tokens=1,
                         dist_timeout_seconds=1, muon_backend_steps=1, swa_every=1, train_log_every=1, gptq_block_size=1,
                         gptq_n_samples=1, iterations=1, eval_seq_len=1, eval_stride=1, ttt_chunk_tokens=1,
-                        eval_batch_seqs=1, ttt_steps=1, ttt_lora_rank=1, ngram_eval_order=2, ngram_eval_min_order=2)
+                        eval_batch_seqs=1, ttt_steps=1, doc_chunk_tokens=1, phased_ttt_steps=1, ttt_lora_rank=1, ngram_eval_order=2, ngram_eval_min_order=2)
         for var, lo in at_least.items():  # NUM_LAYERS: encoder/decoder halves; NGRAM_EVAL_ORDER: a 1-token context
             need(getattr(self, var) >= lo, var.upper(), f"must be >= {lo}")
         for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum", "swa_weight",
@@ -237,6 +243,12 @@ class Hyperparameters:
              f"must be a comma list of widths in 2..8 including {BASE_BITS} (late QAT's grid)")
         need(self.size_margin_bytes < self.artifact_size_cap, "SIZE_MARGIN_BYTES", "must be < ARTIFACT_SIZE_CAP")
         need(self.eval_seq_len % self.eval_stride == 0, "EVAL_STRIDE", "must divide EVAL_SEQ_LEN")
+        need(self.eval_mode in ("sliding", "doc"), "EVAL_MODE", "must be sliding or doc")
+        need(self.doc_chunk_tokens <= self.eval_seq_len, "DOC_CHUNK_TOKENS", "must be <= EVAL_SEQ_LEN")
+        need(self.eval_mode == "doc" or self.phased_ttt_num_phases == 0, "PHASED_TTT_NUM_PHASES",
+             "needs EVAL_MODE=doc")
+        need(self.phased_ttt_num_phases == 0 or self.phased_ttt_prefix_docs >= self.phased_ttt_num_phases,
+             "PHASED_TTT_PREFIX_DOCS", "must be >= PHASED_TTT_NUM_PHASES (a phase ends after a document)")
         need(self.ttt_chunk_tokens % self.eval_seq_len == 0, "TTT_CHUNK_TOKENS",
              "must be a multiple of EVAL_SEQ_LEN (windows and TTT sequences never straddle chunks)")
         need(self.ngram_eval_min_order <= self.ngram_eval_order, "NGRAM_EVAL_MIN_ORDER", "must be <= NGRAM_EVAL_ORDER")
@@ -264,7 +276,9 @@ def _parse_setting(name: str, text: str, kind: type):
         raise GolfError(f"{name}={text!r} is not a valid {kind.__name__}") from None
 
 # What an evaluation reads: recorded in the artifact, so that EVAL_ONLY scores it as its run did.
-EVAL_FIELDS = ("seed", "eval_seq_len", "eval_stride", "eval_batch_seqs", "eval_budget_seconds", "eval_learned_mix",
+EVAL_FIELDS = ("seed", "eval_mode", "doc_chunk_tokens", "phased_ttt_num_phases", "phased_ttt_prefix_docs",
+               "phased_ttt_lr", "phased_ttt_steps", "eval_seq_len", "eval_stride", "eval_batch_seqs",
+               "eval_budget_seconds", "eval_learned_mix",
                "ttt_enabled", "ttt_chunk_tokens", "ttt_temperature", "ttt_lora_rank", "ttt_last_n", "ttt_lr", "ttt_steps",
                "ttt_grad_clip", "ngram_enabled", "ngram_eval_order", "ngram_eval_min_order", "ngram_audit_positions")
 # What the artifact must record to rebuild the network.
@@ -1664,7 +1678,8 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
 # EVAL_SEQ_LEN, stride EVAL_STRIDE; windows split across ranks) with the LoRA weights and temperature
 # learned from earlier chunks; (2) mix the model's distribution with the Witten-Bell n-gram chain over
 # counts of earlier chunks only; (3) add the chunk to the cache and to the mixer's history, refit the
-# mixer; (4) TTT_STEPS LoRA steps on the chunk (not after the last). Every validity condition (C1-C4) is
+# mixer; (4) TTT_STEPS LoRA steps on the chunk; (3) and (4) not after the last. EVAL_MODE=doc: a step is a group of
+# documents, each scored from its own BOS (doc_schedule, DocTTT, phased_sgd). Every validity condition (C1-C4) is
 # tested in tests/test_eval_validity.py.
 
 def make_windows(n_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
@@ -1687,6 +1702,8 @@ class Scored:
     var_z: torch.Tensor      # (M,) variance of the logits under the scored distribution
     audit_pos: torch.Tensor  # (A,) audited target positions in this rank's share
     audit_rows: torch.Tensor  # (A, V) full model log-probabilities there
+    ce: torch.Tensor | None = None   # (M,) with score_windows(train=True): CE with its graph, and the window of each
+    row: torch.Tensor | None = None
 
 def audit_positions(n_tokens: int, k: int, path: str = "") -> torch.Tensor:
     """The audited targets: those listed in `path` (an .npy chosen by a reviewer, e.g. tools/verify.py at random),
@@ -1701,24 +1718,31 @@ def audit_positions(n_tokens: int, k: int, path: str = "") -> torch.Tensor:
         raise GolfError(f"EVAL_AUDIT_PATH={path!r}: positions must be targets 1..{n_tokens - 1}")
     return pos
 
-@torch.no_grad()
 def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Tensor, hp: Hyperparameters,
-                  temperature: float, d: Dist, audit_pos: torch.Tensor) -> Scored:
+                  temperature: float, d: Dist, audit_pos: torch.Tensor, length: int = 0, train: bool = False) -> Scored:
+    """Score the targets lo..hi of each window (start, lo, hi) from its inputs start..start+length-1 (length 0:
+    hi - start). train: also the per-target CE with its graph (doc-mode TTT backpropagates the scored forward)."""
     out = collections.defaultdict(list)
-    B = hp.eval_batch_seqs
+    B, N = hp.eval_batch_seqs, tokens.numel()
     for b in range(0, windows.size(0), B):
         w = windows[b:b + B]
-        n, length = w.size(0), int(w[0, 2] - w[0, 0])
+        n, T = w.size(0), length or int(w[0, 2] - w[0, 0])
         if n < B:  # fixed shapes: for the compiled forward, and so a row's result never depends on the batch
             w = torch.cat([w, w[-1:].expand(B - n, 3)])  # (a shorter text scores its earlier targets bit-identically)
-        start, lo = w[:, 0].to(d.device), w[:, 1].to(d.device)
-        idx = start[:, None] + torch.arange(length, device=d.device)  # (B, T) input positions
-        with autocast(d):
+        start, lo, hi = (w[:, i].to(d.device) for i in range(3))
+        idx = (start[:, None] + torch.arange(T, device=d.device)).clamp(max=N - 1)  # (B, T) input positions
+        with torch.set_grad_enabled(train), autocast(d):
             h = hidden_fn(tokens[idx])  # (B, T, D)
-        j = torch.arange(length, device=d.device)
-        mask = (j[None, :] >= (lo - start - 1)[:, None]) & (torch.arange(w.size(0), device=d.device) < n)[:, None]
+        j = torch.arange(T, device=d.device)[None, :]
+        mask = (j >= (lo - start - 1)[:, None]) & (j <= (hi - start - 1)[:, None])
+        mask &= (torch.arange(B, device=d.device) < n)[:, None]
         tgt_pos = (idx + 1)[mask]
-        z = model.logits(h[mask]).double()  # (M, V)
+        with torch.set_grad_enabled(train):
+            z32 = model.logits(h[mask])
+        if train:
+            out["ce"].append(F.cross_entropy(z32 / temperature, tokens[tgt_pos], reduction="none"))
+            out["row"].append((b + torch.arange(B, device=d.device))[:, None].expand(B, T)[mask])
+        z = z32.detach().double()  # (M, V)
         lp = torch.log_softmax(z / temperature, dim=-1)  # float64: the scored distribution sums to 1 to ~1e-15
         p, z_t = lp.exp(), z.gather(1, tokens[tgt_pos][:, None]).squeeze(1)
         mean_z = (p * z).sum(-1)
@@ -1733,7 +1757,8 @@ def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Te
     empty = torch.zeros(0, device=d.device, dtype=torch.float64)
     cat = lambda k, e: torch.cat(out[k]) if out[k] else e
     return Scored(*(cat(k, empty) for k in ("pos", "logp", "entropy", "dz", "var_z")),
-                  cat("audit_pos", empty.long()), cat("audit_rows", empty.view(0, hp.vocab_size)))
+                  cat("audit_pos", empty.long()), cat("audit_rows", empty.view(0, hp.vocab_size)),
+                  cat("ce", empty.float()), cat("row", empty.long()))
 
 def add_run(runs: list, keys: torch.Tensor, counts: torch.Tensor) -> None:
     """Append sorted unique `keys` with `counts` as a run (keys, prefix sums of counts), merging
@@ -1979,6 +2004,154 @@ class TestTimeTrainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
+def doc_spans(tokens: torch.Tensor) -> torch.Tensor:
+    """(D, 2) rows (BOS position, last target) of the documents: a document is scored from its own BOS, and its
+    last target is the next document's BOS (the text's last token for the last one), so the targets partition."""
+    N = tokens.numel()
+    s = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(tokens[1:N - 1].cpu() == BOS_ID).flatten() + 1])
+    return torch.stack([s, torch.cat([s[1:], s.new_tensor([N - 1])])], dim=1)
+
+def doc_schedule(spans: torch.Tensor, hp: Hyperparameters) -> tuple:
+    """Rounds of windows (start, lo, hi) for documents `spans`: row b scores documents b, b+B, ... (B =
+    EVAL_BATCH_SEQS) one DOC_CHUNK_TOKENS chunk per round, each chunk from the window of EVAL_SEQ_LEN inputs ending
+    at its last target, starting at the document's BOS while that fits (the document's later tokens, its end
+    included, never change a window). Returns (R, B, 3) windows (lo > hi: idle), (R, B) first chunk of a
+    document, (R, B) a chunk of the same document follows."""
+    B, c, L = hp.eval_batch_seqs, hp.doc_chunk_tokens, hp.eval_seq_len
+    rows = []
+    for b in range(B):
+        parts = [torch.zeros(0, 5, dtype=torch.long)]
+        for s, e in spans[b::B].tolist():
+            i = torch.arange(-(-(e - s) // c))
+            end = (i + 1) * c
+            parts.append(torch.stack([s + (end - L).clamp(min=0), s + i * c + 1, (s + end).clamp(max=e),
+                                      i == 0, i < i.numel() - 1], 1))
+        rows.append(torch.cat(parts))
+    R = max(r.size(0) for r in rows)
+    out = torch.tensor([0, 1, 0, 0, 0]).repeat(R, B, 1)
+    for b, r in enumerate(rows):
+        out[:r.size(0), b] = r
+    return out[..., :3], out[..., 3].bool(), out[..., 4].bool()
+
+class DocLoRA(nn.Module):
+    """A batch of independent rank-r adapters, one per document row: y += (x A_b^T) B_b^T for row b."""
+
+    def __init__(self, A0: torch.Tensor, out_features: int, batch: int):
+        super().__init__()
+        self.A0 = A0
+        self.A = nn.Parameter(A0.expand(batch, *A0.shape).clone())
+        self.B = nn.Parameter(A0.new_zeros(batch, out_features, A0.size(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A.to(x.dtype).transpose(1, 2)) @ self.B.to(x.dtype).transpose(1, 2)
+
+class DocTTT:
+    """Per-document score-first LoRA TTT (PR #1530 line): one adapter per row on the q and v projections of the last
+    TTT_LAST_N blocks, reset (A to its start, B = 0, Adam state 0) when the row starts a document; after a chunk is
+    scored, the CE of that same forward (byte-weighted mean per row) takes one Adam step (TTT_LR), TTT_STEPS - 1
+    more on the chunk; none after a document's last chunk. Adam per row (own step count): rows never interact."""
+
+    BETAS, EPS = (0.9, 0.999), 1e-8
+
+    def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
+        self.hp, self.slots = hp, []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gen, arch, B = torch.Generator().manual_seed(hp.seed + 1), model.hp, hp.eval_batch_seqs
+        for block in model.blocks[-hp.ttt_last_n:]:
+            for slot, out_features in ((block.attn.c_q, arch.model_dim), (block.attn.c_v, arch.kv_dim)):
+                A0 = torch.randn(hp.ttt_lora_rank, arch.model_dim, generator=gen) / math.sqrt(arch.model_dim)
+                slot.lora = DocLoRA(A0.to(d.device), out_features, B)
+                self.slots.append(slot)
+        self.params = [p for slot in self.slots for p in (slot.lora.A, slot.lora.B)]
+        self.m, self.v = [torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params]
+        self.t = torch.zeros(B, device=d.device)
+
+    @torch.no_grad()
+    def reset(self, rows: torch.Tensor) -> None:
+        r = rows.to(self.t.device)
+        for slot in self.slots:
+            slot.lora.A[r] = slot.lora.A0
+            slot.lora.B[r] = 0
+        for x in self.m + self.v:
+            x[r] = 0
+        self.t[r] = 0
+
+    def step(self, sc: Scored, tokens: torch.Tensor, luts: ByteLUTs, live: torch.Tensor) -> None:
+        """One Adam step on the scored chunk's CE, rows `live` (bool, per row) only."""
+        w = target_bytes(tokens[sc.pos - 1], tokens[sc.pos], luts).clamp(min=1).float() * live[sc.row]
+        per_row = torch.zeros(live.numel(), device=w.device).index_add_(0, sc.row, w).clamp(min=1)
+        grads = torch.autograd.grad((sc.ce * w / per_row[sc.row]).sum(), self.params)
+        (b1, b2), lr = self.BETAS, self.hp.ttt_lr
+        self.t += live
+        shape = lambda x: x.clamp(min=1e-3).view(-1, 1, 1)  # rows never stepped: m = 0
+        bc1, bc2 = shape(1 - b1 ** self.t), shape(1 - b2 ** self.t)
+        with torch.no_grad():
+            for p, g, m, v in zip(self.params, grads, self.m, self.v):
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p -= lr * (m / bc1) / ((v / bc2).sqrt() + self.EPS) * live.view(-1, 1, 1)
+
+    @contextlib.contextmanager
+    def detached(self):
+        """The model without the per-row adapters (phased global TTT trains other batch shapes)."""
+        loras = [slot.lora for slot in self.slots]
+        for slot in self.slots:
+            slot.lora = None
+        yield
+        for slot, lora in zip(self.slots, loras):
+            slot.lora = lora
+
+def score_docs(model: GPT, hidden_fn, tokens: torch.Tensor, spans: torch.Tensor, hp: Hyperparameters, temperature: float,
+               d: Dist, audit_pos: torch.Tensor, ttt: DocTTT | None, luts: ByteLUTs, timer) -> Scored:
+    """Score this rank's documents (doc_schedule), with per-document TTT between rounds."""
+    windows, first, more = doc_schedule(spans, hp)
+    parts = []
+    for r in range(windows.size(0)):
+        train = ttt is not None and bool(more[r].any())
+        if ttt is not None:
+            ttt.reset(first[r])
+        with timer("score"):
+            sc = score_windows(model, hidden_fn, tokens, windows[r], hp, temperature, d, audit_pos, hp.eval_seq_len, train)
+        if train:
+            with timer("ttt"):
+                live = more[r].to(d.device)
+                ttt.step(sc, tokens, luts, live)
+                for _ in range(hp.ttt_steps - 1):
+                    ttt.step(score_windows(model, hidden_fn, tokens, windows[r], hp, temperature, d, audit_pos,
+                                           hp.eval_seq_len, True), tokens, luts, live)
+        parts.append(sc)
+    if not parts:
+        return score_windows(model, hidden_fn, tokens, torch.zeros(0, 3, dtype=torch.long), hp, temperature, d, audit_pos)
+    return Scored(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Scored)[:7]))
+
+def phased_sgd(model: GPT, tokens: torch.Tensor, hi: int, hp: Hyperparameters, d: Dist, luts: ByteLUTs) -> None:
+    """Phased global TTT (PR #1610 line): PHASED_TTT_STEPS SGD steps of the block matrices on the byte-weighted
+    CE of targets 1..hi (documents already scored), sequences of EVAL_SEQ_LEN split across ranks, gradients
+    summed: every rank's model stays identical."""
+    S, B = min(hp.eval_seq_len, hi), hp.eval_batch_seqs
+    n = hi // S
+    idx = (S * torch.arange(n, device=tokens.device))[:, None] + torch.arange(S, device=tokens.device)
+    x, y = tokens[idx], tokens[idx + 1]
+    w = target_bytes(x, y, luts).clamp(min=1).float()
+    total, mine = w.sum(), range(n * d.rank // d.world_size, n * (d.rank + 1) // d.world_size)
+    banks = [getattr(model, name) for name in BANKS]
+    for _ in range(hp.phased_ttt_steps):
+        for W in banks:
+            W.requires_grad_(True)
+            W.grad = torch.zeros_like(W)
+        for b in range(mine.start, mine.stop, B):
+            with autocast(d):
+                z = model.logits(model.hidden(x[b:min(b + B, mine.stop)]))
+            ce = F.cross_entropy(z.float().flatten(0, 1), y[b:b + z.size(0)].flatten(), reduction="none")
+            ((ce * w[b:b + z.size(0)].flatten()).sum() / total).backward()
+        all_reduce_grads(banks, "sum")
+        with torch.no_grad():
+            for W in banks:
+                W -= hp.phased_ttt_lr * W.grad
+                W.grad = None
+                W.requires_grad_(False)
+
 @dataclass
 class EvalResult:
     model_loss: float
@@ -2000,13 +2173,23 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
     t0 = time.perf_counter()
     model.eval()
     tokens = val_tokens.to(d.device, dtype=torch.int64)
-    N, C = tokens.numel(), hp.ttt_chunk_tokens
-    windows = make_windows(N, hp.eval_seq_len, hp.eval_stride)
-    chunk_of = (windows[:, 2] - 1) // C
-    n_chunks = int(chunk_of[-1]) + 1
+    N, doc_mode = tokens.numel(), hp.eval_mode == "doc"
     cache = NGramCache(hp.ngram_eval_min_order, hp.ngram_eval_order, hp.vocab_size) if use_ngram else None
     mixer = LearnedMix(len(cache.orders) if cache else 0, hp, d)
-    ttt = TestTimeTrainer(model, hp, d) if use_ttt else None
+    if doc_mode:  # a step: the documents whose BOS lies in a TTT_CHUNK_TOKENS range, the j-th on rank j % WORLD_SIZE
+        spans = doc_spans(tokens)
+        step_of = (spans[:, 0] // hp.ttt_chunk_tokens).unique_consecutive(return_inverse=True)[1]
+        n_steps = int(step_of[-1]) + 1
+        step_bounds = torch.searchsorted(step_of, torch.arange(n_steps + 1))
+        ttt = DocTTT(model, hp, d) if use_ttt else None
+        P = hp.phased_ttt_num_phases
+        phase_ends, phase = [hp.phased_ttt_prefix_docs * k // P for k in range(1, P + 1)], 0
+    else:  # a step is a chunk of TTT_CHUNK_TOKENS targets
+        windows = make_windows(N, hp.eval_seq_len, hp.eval_stride)
+        chunk_of = (windows[:, 2] - 1) // hp.ttt_chunk_tokens
+        n_steps = int(chunk_of[-1]) + 1
+        bounds = torch.searchsorted(chunk_of, torch.arange(n_steps + 1))
+        ttt = TestTimeTrainer(model, hp, d) if use_ttt else None
     hidden_fn = torch.compile(model.hidden, dynamic=False) if d.is_cuda else model.hidden
     sums = torch.zeros(4, dtype=torch.float64, device=d.device)  # model nll, mixed nll, bytes, targets
     audit = torch.zeros(4, dtype=torch.float64, device=d.device)
@@ -2018,13 +2201,20 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             dump[k] = torch.zeros(audit_pos.numel(), width, dtype=torch.float64, device=d.device)
     timer = PhaseTimer(d)
     last_log = time.perf_counter()
-    bounds = torch.searchsorted(chunk_of, torch.arange(n_chunks + 1))
-    for c in range(n_chunks):
-        wins = windows[bounds[c]:bounds[c + 1]]
-        k = wins.size(0)
-        mine = wins[k * d.rank // d.world_size:k * (d.rank + 1) // d.world_size]
-        with timer("score"):
-            sc = score_windows(model, hidden_fn, tokens, mine, hp, mixer.temperature, d, audit_pos)
+    for c in range(n_steps):
+        temperature, last = mixer.temperature, c == n_steps - 1  # the temperature this step is scored with
+        if doc_mode:
+            group = spans[step_bounds[c]:step_bounds[c + 1]]
+            lo, hi = int(group[0, 0]) + 1, int(group[-1, 1])  # this step's targets, on every rank
+            sc = score_docs(model, hidden_fn, tokens, group[d.rank::d.world_size], hp, temperature, d, audit_pos, ttt,
+                            luts, timer)
+        else:
+            wins = windows[bounds[c]:bounds[c + 1]]
+            k = wins.size(0)
+            lo, hi = int(wins[0, 1]), int(wins[-1, 2])
+            mine = wins[k * d.rank // d.world_size:k * (d.rank + 1) // d.world_size]
+            with timer("score"):
+                sc = score_windows(model, hidden_fn, tokens, mine, hp, temperature, d, audit_pos)
         n_bytes = target_bytes(tokens[sc.pos - 1], tokens[sc.pos], luts).double()
         with timer("ngram"):
             stats = ngram_stats(cache, tokens, sc.pos)
@@ -2037,27 +2227,32 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
         sums += all_reduce(chunk_sums)
         if dump is not None:
             record_dump(dump, sc, mixed, n_bytes, stats[0], alpha, cache, audit_pos, p_audit, beta_audit)
-        lo, hi = int(wins[0, 1]), int(wins[-1, 2])  # this chunk's targets, on every rank
-        with timer("learn_mix"):  # after scoring: the fitted values are used from the next chunk on
-            mixer.observe(sc, *stats)
-        if cache is not None:
-            with timer("ngram_update"):
-                cache.update(tokens, torch.arange(lo, hi + 1, device=d.device))
-        if ttt is not None and c < n_chunks - 1:
-            with timer("ttt"):
-                for _ in range(hp.ttt_steps):
-                    ttt.step(tokens, lo, hi, luts)
+        if not last:  # nothing is learned after the last step is scored
+            with timer("learn_mix"):  # after scoring: the fitted values are used from the next step on
+                mixer.observe(sc, *stats)
+            if cache is not None:
+                with timer("ngram_update"):
+                    cache.update(tokens, torch.arange(lo, hi + 1, device=d.device))
+            if ttt is not None and not doc_mode:
+                with timer("ttt"):
+                    for _ in range(hp.ttt_steps):
+                        ttt.step(tokens, lo, hi, luts)
+            if doc_mode and phase < P and int(step_bounds[c + 1]) >= phase_ends[phase]:
+                with timer("phased_ttt"), (ttt.detached() if ttt else contextlib.nullcontext()):
+                    phased_sgd(model, tokens, hi, hp, d, luts)
+                while phase < P and int(step_bounds[c + 1]) >= phase_ends[phase]:
+                    phase += 1
         now, (chunk_model, chunk_mixed, chunk_bytes) = time.perf_counter(), chunk_sums[:3].tolist()
-        console = now - last_log > 20 or c == n_chunks - 1  # every chunk goes to the file, one per 20 s to the console
+        console = now - last_log > 20 or last  # every step goes to the file, one per 20 s to the console
         if console:
             last_log = now
-        log(f"{label}_chunk:{c + 1}/{n_chunks} model_bpb:{bits_per_byte(chunk_model, chunk_bytes):.4f} "
-            f"mixed_bpb:{bits_per_byte(chunk_mixed, chunk_bytes):.4f} temperature:{mixer.temperature:.4f} "
+        log(f"{label}_chunk:{c + 1}/{n_steps} model_bpb:{bits_per_byte(chunk_model, chunk_bytes):.4f} "
+            f"mixed_bpb:{bits_per_byte(chunk_mixed, chunk_bytes):.4f} temperature:{temperature:.4f} "
             f"running_mixed_bpb:{bits_per_byte(sums[1].item(), sums[2].item()):.4f} elapsed:{now - t0:.1f}s "
-            f"eta:{(n_chunks - c - 1) * (now - t0) / (c + 1):.1f}s "
+            f"eta:{(n_steps - c - 1) * (now - t0) / (c + 1):.1f}s "
             f"ngram_mem:{cache.memory_bytes() / 2**20 if cache else 0:.1f}MiB", console=console)
         if signum := stop_requested(d):
-            raise Interrupted(f"interrupted by {signal.Signals(signum).name} during {label} at chunk {c + 1}/{n_chunks}: "
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name} during {label} at chunk {c + 1}/{n_steps}: "
                               f"no score (a partial pass is not one)", signum)
     if int(sums[3].item()) != N - 1:
         raise GolfError(f"{label}: scored {int(sums[3].item())} targets, expected {N - 1}")
@@ -2068,7 +2263,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
     log(f"{label}_phases: " + " ".join(f"{k}:{v:.2f}s" for k, v in timer.seconds.items()))
     return EvalResult(model_nll / n, bits_per_byte(model_nll, n_bytes), mixed_nll / n, bits_per_byte(mixed_nll, n_bytes),
                       int(n), int(n_bytes), time.perf_counter() - t0, audit.tolist(), dict(timer.seconds),
-                      temperature=mixer.temperature)
+                      temperature=temperature)
 
 class PhaseTimer:
     """Wall time per eval phase (synchronized on CUDA so kernels are charged to their phase)."""
@@ -2229,7 +2424,8 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
         f"max_target_logp_err:{r.audit[2]:.3e} count_mismatches:{int(r.audit[3])}")
     log(f"integrated_parts: model_only_bpb:{r.model_bpb:.4f} ngram_gain_bpb:{r.model_bpb - r.mixed_bpb:.4f} "
         f"ngram:{'on' if hp.ngram_enabled else 'off'} learned_mix:{int(hp.eval_learned_mix)} "
-        f"ttt:{'on' if hp.ttt_enabled else 'off'} ttt_steps:{hp.ttt_steps} final_temperature:{r.temperature:.4f} "
+        f"ttt:{'on' if hp.ttt_enabled else 'off'} ttt_steps:{hp.ttt_steps} eval_mode:{hp.eval_mode} "
+        f"phases:{hp.phased_ttt_num_phases if hp.eval_mode == 'doc' else 0} last_scored_temperature:{r.temperature:.4f} "
         f"targets:{r.n_targets} bytes:{r.n_bytes}")
     log(f"eval_budget: from_first_artifact_load:{eval_s:.1f}s limit:{hp.eval_budget_seconds:.0f}s")
     if eval_s > hp.eval_budget_seconds:  # the whole pass was scored: a full score, but not a valid record

@@ -45,7 +45,8 @@ def score(code: Path, artifact: Path, data: Path, tokenizer: Path, settings: dic
     bpb = float(re.search(r"^final_integrated_exact val_loss:\S+ val_bpb:(\S+)$", r.stdout, re.M)[1])
     ms = float(re.search(r"^final_integrated .*eval_time:(\d+)ms", r.stdout, re.M)[1])
     parts = re.search(r"^integrated_parts: (.*)$", r.stdout, re.M)[1]
-    return dict(bpb=bpb, seconds=ms / 1000, parts=parts)
+    phases = re.search(r"^integrated_phases: (.*)$", r.stdout, re.M)[1]  # seconds per phase of the pass
+    return dict(bpb=bpb, seconds=ms / 1000, parts=f"{parts} | {phases}")
 
 
 def main() -> None:
@@ -81,8 +82,9 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:  # each job is its own process
             res = dict(pool.map(one, jobs))
     if args.sweep:
-        lines = [f"sweep: {n:50s} " + " ".join(f"{t}:{res[n, t]['bpb']:.6f} ({res[n, t]['seconds']:.1f}s)" for t in texts)
-                 for n, _ in rows]
+        model_only = lambda r: re.search(r"model_only_bpb:(\S+)", r["parts"])[1]
+        lines = [f"sweep: {n:50s} " + " ".join(f"{t}:{res[n, t]['bpb']:.6f} model_only:{model_only(res[n, t])} "
+                                                 f"({res[n, t]['seconds']:.1f}s)" for t in texts) for n, _ in rows]
         print("\n".join(lines))
         if args.out:
             args.out.write_text("\n".join(lines) + "\n")

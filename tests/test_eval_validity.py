@@ -676,3 +676,146 @@ def test_ttt_lora_shapes_come_from_the_loaded_model(val_tokens, luts):
     ttt = tg.TestTimeTrainer(make_model(arch), hp, tg.Dist())
     assert {tuple(l.B.shape) for l in ttt.loras} == {(32, hp.ttt_lora_rank), (16, hp.ttt_lora_rank)}
     ttt.step(val_tokens[:2 * hp.eval_seq_len].long(), 1, hp.eval_seq_len, luts)
+
+
+# ------------------------------------------------------------------------------------------------
+# doc mode (EVAL_MODE=doc): each document from its own BOS, per-document TTT, phased global TTT
+# ------------------------------------------------------------------------------------------------
+
+DOC_LENGTHS = [30, 120, 70, 5, 180, 50, 140, 1, 90, 60, 200, 100]
+
+
+def doc_hp(**overrides):
+    return tiny_hp(**{**dict(eval_mode="doc", doc_chunk_tokens=32, eval_batch_seqs=4, ttt_chunk_tokens=256,
+                             phased_ttt_num_phases=2, phased_ttt_prefix_docs=8, phased_ttt_lr=0.05, ttt_lr=0.01,
+                             ttt_steps=1), **overrides})
+
+
+@pytest.fixture(scope="module")
+def doc_stream(val_tokens) -> torch.Tensor:
+    """Documents of DOC_LENGTHS tokens of real text (each BOS + its tokens), then the first 400 tokens again."""
+    text = val_tokens[val_tokens != tg.BOS_ID][:sum(DOC_LENGTHS)].long()
+    parts, at = [], 0
+    for n in DOC_LENGTHS:
+        parts += [torch.tensor([tg.BOS_ID]), text[at:at + n]]
+        at += n
+    body = torch.cat(parts)
+    return torch.cat([body, body[:400]]).clone()
+
+
+def doc_eval(hp, tokens, luts, path=None, module=tg, ngram=True, ttt=True, seed=0):
+    hp = dataclasses.replace(hp, eval_dump_path=str(path) if path else "")
+    hp = module.Hyperparameters(**dataclasses.asdict(hp)) if module is not tg else hp
+    torch.manual_seed(seed)
+    model = module.GPT(hp)
+    model.load_state_dict(make_model(tiny_hp(), seed).state_dict())
+    res = module.evaluate(model, tokens, luts, hp, module.Dist(), module.RunLog(None), use_ngram=ngram, use_ttt=ttt,
+                          dump_path=hp.eval_dump_path)
+    return res, (load_dump(path) if path else None)
+
+
+@pytest.fixture(scope="module")
+def doc_base(doc_stream, luts, tmp_path_factory):
+    return doc_eval(doc_hp(), doc_stream, luts, tmp_path_factory.mktemp("doc") / "dump.npz")
+
+
+def test_doc_spans_and_schedule_partition():
+    """Documents start at 0 and at every BOS before the last token; their targets partition 1..N-1; every target is
+    scored by exactly one window, which lies in its document, holds min(EVAL_SEQ_LEN, distance to the BOS + 1)
+    inputs of context, and does not change when the document is cut right after its last target."""
+    g = torch.Generator().manual_seed(3)
+    hp = doc_hp(eval_seq_len=32, doc_chunk_tokens=8, ttt_chunk_tokens=32)
+    for trial in range(20):
+        N = int(torch.randint(2, 400, (1,), generator=g))
+        toks = torch.randint(2, 50, (N,), generator=g)
+        toks[torch.rand(N, generator=g) < [0.0, 0.02, 0.3][trial % 3]] = tg.BOS_ID
+        spans = tg.doc_spans(toks)
+        assert int(spans[0, 0]) == 0 and int(spans[-1, 1]) == N - 1 and bool((spans[1:, 0] == spans[:-1, 1]).all())
+        assert set(spans[1:, 0].tolist()) == {p for p in range(1, N - 1) if toks[p] == tg.BOS_ID}
+        windows, first, more = tg.doc_schedule(spans, hp)
+        w = windows.reshape(-1, 3)
+        w = w[w[:, 1] <= w[:, 2]]
+        covered = torch.cat([torch.arange(int(lo), int(hi) + 1) for _, lo, hi in w.tolist()])
+        assert covered.sort()[0].tolist() == list(range(1, N))
+        doc_of = torch.searchsorted(spans[:, 0], covered, right=True) - 1
+        doc_of = torch.where(covered == spans[doc_of, 0], doc_of - 1, doc_of)  # a BOS target ends the previous doc
+        for (start, lo, hi), t in zip(w.tolist(), range(len(w))):
+            s, e = spans[int(doc_of[covered == lo][0])].tolist()
+            assert s <= start and s < lo <= hi <= e and hi - start <= hp.eval_seq_len
+            assert start == max(s, s + -(-(hi - s) // 8) * 8 - hp.eval_seq_len)
+        for b, (s, e) in enumerate(spans.tolist()[:4]):  # the same document cut after any of its targets
+            for cut in range(s + 1, e + 1, 7):
+                wc = tg.doc_schedule(torch.tensor([[s, cut]]), hp)[0][:, 0]
+                full = tg.doc_schedule(torch.tensor([[s, e]]), hp)[0][:wc.size(0), 0]
+                assert torch.equal(wc[:, 0], full[:, 0]) and torch.equal(wc[:, 1], full[:, 1])
+
+
+@pytest.mark.parametrize("t", [350, 410, 700], ids=["slid_window", "doc_boundary", "after_phases"])
+def test_doc_c1_perturb_future(t, doc_stream, luts, doc_base, tmp_path):
+    """Doc mode with per-document TTT, 2 phases and the n-gram cache: replacing every token after t (new BOS
+    tokens may appear, documents merge or split) leaves every per-target array of targets 1..t bit-identical."""
+    _, base = doc_base
+    g = torch.Generator().manual_seed(t)
+    changed = doc_stream.clone()
+    changed[t + 1:] = (changed[t + 1:] + torch.randint(1, V, (changed.numel() - t - 1,), generator=g)) % V
+    _, new = doc_eval(doc_hp(), changed, luts, tmp_path / "dump.npz")
+    for key in ("model_nll", "mixed_nll", "order", "alpha", "bytes"):
+        assert np.array_equal(new[key][:t], base[key][:t]), f"{key} of targets <= {t} changed"
+    assert not np.array_equal(new["mixed_nll"][t:], base["mixed_nll"][t:])
+
+
+def test_doc_c2_c4_once_normalized(doc_base, doc_stream):
+    """Every target once; the audited full mixed distributions sum to 1 and contain the scored probability."""
+    res, dump = doc_base
+    N = doc_stream.numel()
+    assert (dump["times_scored"] == 1).all() and res.n_targets == N - 1
+    assert int(dump["bytes"].sum()) == res.n_bytes
+    assert res.audit[0] < 1e-9 and res.audit[2] < 1e-9 and res.audit[3] == 0
+    assert np.abs(dump["audit_p"].sum(1) - 1).max() < 1e-9 and np.abs(dump["audit_model_p"].sum(1) - 1).max() < 1e-9
+    assert (dump["order"] > 0).any() and (dump["alpha"] > 0).any()
+
+
+def test_doc_attention_stays_in_the_document_and_ttt_resets(doc_stream, luts, tmp_path):
+    """TTT off, no cache, T = 1: each target's NLL equals the model run on its document alone (from its BOS, or the
+    last EVAL_SEQ_LEN inputs of it); with per-document TTT (no phases) the first chunk of every document is scored
+    bit-identically to the model alone (adapters reset), and later chunks differ (they adapt)."""
+    hp = doc_hp(phased_ttt_num_phases=0, eval_learned_mix=False, ttt_temperature=1.0)
+    _, plain = doc_eval(hp, doc_stream, luts, tmp_path / "plain.npz", ngram=False, ttt=False)
+    _, adapted = doc_eval(hp, doc_stream, luts, tmp_path / "ttt.npz", ngram=False, ttt=True)
+    model, toks = make_model(tiny_hp()), doc_stream
+    model.eval()
+    spans = tg.doc_spans(toks)
+    first_chunk = np.zeros(toks.numel() - 1, dtype=bool)
+    with torch.no_grad():
+        for s, e in spans.tolist():
+            first_chunk[s:min(e, s + hp.doc_chunk_tokens)] = True
+            for t in sorted({s + 1, (s + e) // 2, e}):
+                c = hp.doc_chunk_tokens
+                lo = max(s, s + -(-(t - s) // c) * c - hp.eval_seq_len)
+                lp = torch.log_softmax(model.logits(model.hidden(toks[lo:t][None]))[0, -1].double(), -1)
+                assert abs(-float(lp[toks[t]]) - plain["model_nll"][t - 1]) < 1e-5, (s, e, t)
+    assert np.array_equal(adapted["model_nll"][first_chunk], plain["model_nll"][first_chunk])
+    assert not np.array_equal(adapted["model_nll"][~first_chunk], plain["model_nll"][~first_chunk])
+
+
+def test_doc_cheat_phase_on_unscored_documents_breaks_c1(doc_stream, luts, doc_base, tmp_path):
+    """The broken copy of tests/_doc_cheats.py (a phase trains on documents not yet scored) changes an earlier
+    score when a later document changes: the C1 check catches it."""
+    import importlib.util
+    import sys
+    import _doc_cheats
+    name = "train_gpt_doc_cheat"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    cheat = importlib.util.module_from_spec(spec)
+    sys.modules[name] = cheat
+    try:
+        exec(compile(_doc_cheats.cheat_source("doc_phase_trains_on_unscored"), name, "exec"), cheat.__dict__)
+        t = 700
+        changed = doc_stream.clone()
+        changed[t + 1:] = (changed[t + 1:] + 1) % V
+        _, a = doc_eval(doc_hp(), doc_stream, luts, tmp_path / "a.npz", module=cheat)
+        _, b = doc_eval(doc_hp(), changed, luts, tmp_path / "b.npz", module=cheat)
+    finally:
+        del sys.modules[name]
+    assert not np.array_equal(a["model_nll"][:t], b["model_nll"][:t])
+    assert np.array_equal(a["times_scored"], doc_base[1]["times_scored"])
