@@ -126,11 +126,12 @@ def test_probes_and_forms():
     b = verify.draw_probes(np.random.default_rng(5), tokens, 4, chunks, 64, 1, doc=False)
     assert [p["q"] for p in a] == [p["q"] for p in b]
     for k, p in enumerate(a):
-        q, L, text = p["q"], p["L"], p["text"]
+        q, L = p["q"], p["L"]
+        text = np.concatenate([tokens[:q], p["part"]])
         assert 2 + k * 4998 / 4 <= q < 2 + (k + 1) * 4998 / 4 and tokens[q] != 1
         assert L == min(chunks.last[chunks.of(q)] + 2, 5000)
         assert (text[:q] == tokens[:q]).all() and text[q] != tokens[q] and p["new"] == text[q]
-        assert ((text[q + 1:] == 1) == (tokens[q + 1:L] == 1)).all()
+        assert ((text[q + 1:] == 1) == (tokens[q + 1:L] == 1)).all() and text.size == L
     doc = verify.draw_probes(np.random.default_rng(5), tokens, 4, chunks, 64, 1, doc=True)
     assert all(p["L"] == tokens.size or tokens[p["L"]] == 1 for p in doc)
     source = (ROOT / "train_gpt.py").read_bytes()

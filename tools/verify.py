@@ -183,7 +183,7 @@ class Chunks:
 
 
 def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: int, doc: bool) -> list:
-    """K probes, the k-th in the k-th K-th of the targets: (q, new token, text length L, changed text). The text
+    """K probes, the k-th in the k-th K-th of the targets: (q, new token, text length L, the changed text from q on). The text
     goes one target past q's chunk (EVAL_MODE=doc: to the next BOS after that, so every document keeps its
     length); BOS tokens are never changed nor added; the later tokens, alternately (from a random start), drawn
     from the rarer half of the vocabulary (surprising) or the most frequent token repeated (predictable), so that a
@@ -203,12 +203,12 @@ def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: in
         later = np.flatnonzero(tokens[end + 2:] == bos) if doc else np.zeros(1, np.int64)
         L = end + 2 + int(later[0]) if later.size else N
         L = min(max(L, q + 1), N)
-        text = tokens[:L].copy()
-        text[q] = rng.choice([v for v in range(V) if v not in (int(tokens[q]), bos)])
-        tail = np.flatnonzero(text[q + 1:] != bos) + q + 1
+        part = tokens[q:L].copy()
+        part[0] = rng.choice([v for v in range(V) if v not in (int(tokens[q]), bos)])
+        tail = np.flatnonzero(part[1:] != bos) + 1
         surprising = (k + flip) % 2 == 0
-        text[tail] = rng.choice(rare, tail.size) if surprising else common
-        probes.append(dict(q=q, new=int(text[q]), L=L, text=text, tail="rare" if surprising else "repeat"))
+        part[tail] = rng.choice(rare, tail.size) if surprising else common
+        probes.append(dict(q=q, new=int(part[0]), L=L, part=part, tail="rare" if surprising else "repeat"))
     return probes
 
 
@@ -356,102 +356,102 @@ def check_bytes(base: dict, ours: np.ndarray) -> tuple:
     return PASS, f"{int(ours.sum())} bytes over {ours.size} targets"
 
 
-def check_once(runs: list) -> tuple:
-    for tag, n, r in runs:
-        ts = r["dump"]["times_scored"]
-        if ts.size != n - 1 or (ts != 1).any():
-            bad = np.flatnonzero(ts != 1)
-            return FAIL, f"{tag}: {ts.size} targets of {n - 1}, {bad.size} scored != 1 times"
-    return PASS, f"{len(runs)} runs, each target scored once"
+def check_once(tag: str, n: int, run: dict) -> tuple:
+    ts = run["dump"]["times_scored"]
+    bad = np.flatnonzero(ts != 1)
+    if ts.size != n - 1 or bad.size:
+        return FAIL, f"{tag}: {ts.size} targets of {n - 1}, {bad.size} scored != 1 times"
+    return PASS, f"{tag} {n - 1}"
 
 
-def check_causal(base: dict, probes: list) -> tuple:
-    a, notes = base["dump"], []
-    for i, pr in enumerate(probes):
-        b, q = pr["run"]["dump"], pr["q"]
-        for k in ("model_nll", "mixed_nll", "order", "alpha"):
-            bad = np.flatnonzero(differs(a[k][:q - 1], b[k][:q - 1]))
-            if bad.size:
-                return FAIL, f"probe {i + 1} (q={q}): {k} differs at {bad.size} targets before q, first at {bad[0] + 1}"
-        ra, rb = np.isin(a["audit_pos"], b["audit_pos"]) & (a["audit_pos"] < q), np.isin(b["audit_pos"], a["audit_pos"])
-        rb &= b["audit_pos"] < q
-        if differs(a["audit_p"][ra], b["audit_p"][rb]).any():
-            return FAIL, f"probe {i + 1} (q={q}): an audited distribution before q differs"
-        if np.array_equal(a["mixed_nll"][q - 1:pr["L"] - 1], b["mixed_nll"][q - 1:]):
-            return FAIL, f"probe {i + 1} (q={q}): no score from q on changed: the check is vacuous"
-        notes.append(str(q))
-    return PASS, f"{len(probes)} probes, targets before q bit-identical to the base (q = {', '.join(notes)})"
+def check_causal(base: dict, pr: dict) -> tuple:
+    a, b, q, tag = base["dump"], pr["run"]["dump"], pr["q"], pr["tag"]
+    for k in ("model_nll", "mixed_nll", "order", "alpha"):
+        bad = np.flatnonzero(differs(a[k][:q - 1], b[k][:q - 1]))
+        if bad.size:
+            return FAIL, f"{tag} (q={q}): {k} differs from the base at {bad.size} targets before q, first at {bad[0] + 1}"
+    ra = np.isin(a["audit_pos"], b["audit_pos"]) & (a["audit_pos"] < q)
+    rb = np.isin(b["audit_pos"], a["audit_pos"]) & (b["audit_pos"] < q)
+    if differs(a["audit_p"][ra], b["audit_p"][rb]).any():
+        return FAIL, f"{tag} (q={q}): an audited distribution before q differs from the base's"
+    if np.array_equal(a["mixed_nll"][q - 1:pr["L"] - 1], b["mixed_nll"][q - 1:]):
+        return FAIL, f"{tag} (q={q}): no score from q on changed: the check is vacuous"
+    return PASS, f"{q}"
 
 
 def row_at(run: dict, t: int):
     d = run["dump"]
     i = np.flatnonzero(d["audit_pos"] == t)
-    return (d["audit_p"][i[0]], i[0]) if i.size else (None, None)
+    return d["audit_p"][i[0]] if i.size else None
 
 
-def check_target(base: dict, probes: list, tokens: np.ndarray) -> tuple:
-    worst = 0.0
-    for i, pr in enumerate(probes):
-        q, new, run = pr["q"], pr["new"], pr["run"]
-        p, _ = row_at(run, q)
-        if p is None:
-            return FAIL, f"probe {i + 1}: target {q} is not in the probe run's audit rows"
-        sum_err = abs(p.sum() - 1)
-        with np.errstate(divide="ignore"):
-            new_err = abs(math.log(p[new]) + run["dump"]["mixed_nll"][q - 1]) if p[new] > 0 else math.inf
-            old_err = abs(math.log(p[tokens[q]]) + base["dump"]["mixed_nll"][q - 1]) if p[tokens[q]] > 0 else math.inf
-        if sum_err > 1e-9 or p.min() < 0 or new_err > 1e-9 or old_err > 1e-9:
-            return FAIL, (f"probe {i + 1} (q={q}, token {tokens[q]}->{new}): the probe's distribution at q sums to 1 "
-                          f"{'+' if p.sum() >= 1 else '-'}{sum_err:.1e}; |log p[new] + its score| {new_err:.1e}; |log p[old] + "
-                          f"the base run's score| {old_err:.1e}: the distribution depends on the target")
-        worst = max(worst, new_err, old_err)
-    return PASS, f"{len(probes)} probes: max |log p - score| {worst:.1e} at the new (probe) and original (base) tokens"
+def check_target(base: dict, pr: dict, tokens: np.ndarray) -> tuple:
+    q, new, run, tag = pr["q"], pr["new"], pr["run"], pr["tag"]
+    p = row_at(run, q)
+    if p is None:
+        return FAIL, f"{tag}: target {q} is not in the probe run's audit rows"
+    sum_err = abs(p.sum() - 1)
+    new_err = abs(math.log(p[new]) + run["dump"]["mixed_nll"][q - 1]) if p[new] > 0 else math.inf
+    old_err = abs(math.log(p[tokens[q]]) + base["dump"]["mixed_nll"][q - 1]) if p[tokens[q]] > 0 else math.inf
+    if not (sum_err <= 1e-9 and p.min() >= 0 and new_err <= 1e-9 and old_err <= 1e-9):
+        return FAIL, (f"{tag} (q={q}, token {tokens[q]}->{new}): the probe's distribution at q: |sum - 1| {sum_err:.1e}; "
+                      f"|log p[new] + the probe's score| {new_err:.1e}; |log p[original] + the base run's score| "
+                      f"{old_err:.1e}: the distribution depends on the target")
+    return PASS, f"{max(new_err, old_err):.1e}"
 
 
-def check_weights(base: dict, probes: list) -> tuple:
-    a = base["dump"]
-    for i, pr in enumerate(probes):
-        b, q = pr["run"]["dump"], pr["q"]
-        for k in ("order", "alpha"):
-            if differs(a[k][q - 1:q], b[k][q - 1:q]).any():
-                return FAIL, f"probe {i + 1} (q={q}): {k} {a[k][q - 1]:.6g} in the base, {b[k][q - 1]:.6g} with the new target"
-    return PASS, f"{len(probes)} probes: order and alpha at q unchanged"
+def check_weights(base: dict, pr: dict) -> tuple:
+    a, b, q = base["dump"], pr["run"]["dump"], pr["q"]
+    for k in ("order", "alpha"):
+        if differs(a[k][q - 1:q], b[k][q - 1:q]).any():
+            return FAIL, f"{pr['tag']} (q={q}): {k} {a[k][q - 1]:.6g} in the base, {b[k][q - 1]:.6g} with the new target"
+    return PASS, f"{q}"
 
 
-def check_normalized(runs: list) -> tuple:
-    rows, worst = 0, 0.0
-    for tag, text, r in runs:
-        d = r["dump"]
-        pos, p = d["audit_pos"].astype(np.int64), d["audit_p"]
-        if pos.size == 0:
-            return FAIL, f"{tag}: no audited rows"
-        with np.errstate(divide="ignore"):
-            entry = np.abs(np.log(p[np.arange(pos.size), text[pos]]) + d["mixed_nll"][pos - 1]).max()
-        err = max(np.abs(p.sum(1) - 1).max(), entry)
-        if err > 1e-9 or p.min() < 0 or not np.isfinite(err):
-            return FAIL, f"{tag}: max |sum p - 1| or |log p[target] + mixed_nll| {err:.1e}, min p {p.min():.1e}"
-        rows, worst = rows + pos.size, max(worst, err)
-    return PASS, f"{rows} audited rows over {len(runs)} runs: max error {worst:.1e}"
+def check_normalized(tag: str, text: np.ndarray, run: dict) -> tuple:
+    d = run["dump"]
+    pos, p = d["audit_pos"].astype(np.int64), d["audit_p"]
+    if pos.size == 0:
+        return FAIL, f"{tag}: no audited rows"
+    with np.errstate(divide="ignore"):
+        entry = np.abs(np.log(p[np.arange(pos.size), text[pos]]) + d["mixed_nll"][pos - 1]).max()
+    err = max(np.abs(p.sum(1) - 1).max(), entry)
+    if not (err <= 1e-9 and p.min() >= 0):
+        return FAIL, f"{tag}: max |sum p - 1| or |log p[target] + mixed_nll| {err:.1e}, min p {p.min():.1e}"
+    return PASS, f"{pos.size}:{err:.1e}"
 
 
-def check_ngram(runs: list, chunks: Chunks, V: int) -> tuple:
-    rows, worst = 0, 0.0
-    for tag, text, r in runs:
-        d = r["dump"]
-        orders = [int(o) for o in d.get("orders", np.zeros(0))]
-        if "audit_model_p" not in d or "audit_beta" not in d:
-            return FAIL, f"{tag}: dump has no audit_model_p / audit_beta"
-        pos = d["audit_pos"].astype(np.int64)
-        upto = chunks.first[[chunks.of(int(t)) for t in pos]]
-        hashes = context_hashes(text, max(orders + [2]))
-        ours = ngram_rows(text, pos, upto, orders, d["audit_model_p"], d["audit_beta"], V, hashes)
-        theirs = d["audit_p"]
-        err = (np.abs(ours - theirs) / np.maximum(np.maximum(ours, theirs), 1e-300)).max()
-        if not err <= 1e-9:
-            i = int(np.argmax((np.abs(ours - theirs) / np.maximum(np.maximum(ours, theirs), 1e-300)).max(1)))
-            return FAIL, f"{tag}: audited target {pos[i]}: our mixture differs by {err:.1e} (relative)"
-        rows, worst = rows + pos.size, max(worst, err)
-    return PASS, f"{rows} audited rows over {len(runs)} runs: our counts and mixture agree to {worst:.1e} (relative)"
+def check_ngram(tag: str, text: np.ndarray, run: dict, chunks: Chunks, V: int) -> tuple:
+    d = run["dump"]
+    if not {"audit_model_p", "audit_beta", "orders"} <= set(d):
+        return FAIL, f"{tag}: dump has no audit_model_p / audit_beta / orders"
+    orders, pos = [int(o) for o in d["orders"]], d["audit_pos"].astype(np.int64)
+    upto = chunks.first[[chunks.of(int(t)) for t in pos]]
+    ours = ngram_rows(text, pos, upto, orders, d["audit_model_p"], d["audit_beta"], V, context_hashes(text, max(orders + [2])))
+    rel = np.abs(ours - d["audit_p"]) / np.maximum(np.maximum(ours, d["audit_p"]), 1e-300)
+    err = rel.max() if rel.size else 0.0
+    if not err <= 1e-9:
+        return FAIL, f"{tag}: audited target {pos[int(np.argmax(rel.max(1)))]}: our mixture differs by {err:.1e} (relative)"
+    return PASS, f"{pos.size}:{err:.1e}"
+
+
+def combine(results: list, summary) -> tuple:
+    """The first failure, else PASS with summary(list of the pass details)."""
+    failed = [r for r in results if r[0] == FAIL]
+    return failed[0] if failed else (PASS, summary([r[1] for r in results]))
+
+
+def rows_of(per_run: dict) -> list:
+    rows_max = lambda xs: f"{sum(int(x.split(':')[0]) for x in xs)} audited rows over {len(xs)} runs, max error " \
+                          f"{max(float(x.split(':')[1]) for x in xs):.1e}"
+    return [("C4 once", *combine(per_run["C4 once"], lambda xs: f"{len(xs)} runs, each target scored once")),
+            ("C1 causal", *combine(per_run["C1 causal"], lambda xs: f"{len(xs)} probes, targets before q bit-identical "
+                                                                   f"to the base (q = {', '.join(xs)})")),
+            ("C2 target", *combine(per_run["C2 target"], lambda xs: f"{len(xs)} probes: max |log p - score| "
+                                   f"{max(map(float, xs)):.1e} at the new (probe) and original (base) tokens")),
+            ("C2 weights", *combine(per_run["C2 weights"], lambda xs: f"{len(xs)} probes: order and alpha at q unchanged")),
+            ("C2 normalized", *combine(per_run["C2 normalized"], rows_max)),
+            ("n-gram recomputed", *combine(per_run["n-gram recomputed"], lambda xs: rows_max(xs) + " (relative, our counts)"))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -519,6 +519,13 @@ def verify(args, environ) -> tuple:
     print(f"verify: seed {seed}; {len(probes)} probes at targets {sorted(qs)} of {n - 1}; cost {passes:.2f} passes "
           f"(base + probe prefixes) + {len(probes) + 1} starts" + (f", about {passes * float(logged[-1]) * n / n_all:.0f}s "
           f"of evaluation at the logged run's speed" if logged else ""), flush=True)
+    per_run = {k: [] for k in ("C4 once", "C1 causal", "C2 target", "C2 weights", "C2 normalized", "n-gram recomputed")}
+
+    def run_rows(tag: str, text: np.ndarray, run: dict) -> None:
+        per_run["C4 once"].append(check_once(tag, text.size, run))
+        per_run["C2 normalized"].append(check_normalized(tag, text, run))
+        per_run["n-gram recomputed"].append(check_ngram(tag, text, run, chunks, V))
+
     with tempfile.TemporaryDirectory(prefix="verify_") as tmp:
         work = Path(tmp)
         print(f"verify: base run on {n} tokens ...", flush=True)
@@ -527,21 +534,25 @@ def verify(args, environ) -> tuple:
             return rows + [(name, FAIL, base["error"]) for name in RUN_ROWS], scope
         print(f"verify: base run took {base['seconds']:.1f}s; the probes need {base['seconds'] * (passes - 1):.0f}s "
               f"(their share of tokens) to {base['seconds'] * len(probes):.0f}s (if starting dominates) more", flush=True)
+        ours = tokenizer_bytes(plan["tokenizer_path"], tokens)
+        rows += [("score", *check_score(base, claims, prefix, args.tol)), ("BPB recomputed", *check_bpb(base, ours, args.tol)),
+                 ("bytes", *check_bytes(base, ours))]
+        run_rows("base", tokens, base)
         for i, pr in enumerate(probes):
             audit = np.union1d(decoys[decoys < pr["L"]], [pr["q"]])
+            pr["tag"] = f"probe {i + 1}"
             print(f"verify: probe {i + 1}/{len(probes)}: target {pr['q']} {tokens[pr['q']]}->{pr['new']}, "
                   f"{pr['tail']} tail, {pr['L']} tokens ...", flush=True)
-            pr["run"] = eval_run(script, env, artifact, pr["text"], audit, work, f"probe{i + 1}", args.nproc)
+            text = np.concatenate([tokens[:pr["q"]], pr["part"]])
+            pr["run"] = eval_run(script, env, artifact, text, audit, work, f"probe{i + 1}", args.nproc)
             if "error" in pr["run"]:
-                return rows + [(name, FAIL, pr["run"]["error"]) for name in RUN_ROWS], scope
-    ours = tokenizer_bytes(plan["tokenizer_path"], tokens)
-    runs = [("base", tokens, base)] + [(f"probe {i + 1}", p["text"], p["run"]) for i, p in enumerate(probes)]
-    rows += [("score", *check_score(base, claims, prefix, args.tol)), ("BPB recomputed", *check_bpb(base, ours, args.tol)),
-             ("bytes", *check_bytes(base, ours)), ("C4 once", *check_once([(t, x.size, r) for t, x, r in runs])),
-             ("C1 causal", *check_causal(base, probes)), ("C2 target", *check_target(base, probes, tokens)),
-             ("C2 weights", *check_weights(base, probes)), ("C2 normalized", *check_normalized(runs)),
-             ("n-gram recomputed", *check_ngram(runs, chunks, V))]
-    return rows, scope
+                return rows + [(name, FAIL, pr["run"]["error"]) for name in RUN_ROWS[3:]], scope
+            run_rows(pr["tag"], text, pr["run"])
+            per_run["C1 causal"].append(check_causal(base, pr))
+            per_run["C2 target"].append(check_target(base, pr, tokens))
+            per_run["C2 weights"].append(check_weights(base, pr))
+            del pr["run"], text  # a full-size dump is GBs: at most the base's and one probe's in memory
+    return rows + rows_of(per_run), scope
 
 
 def table(rows: list, header: list) -> str:
