@@ -11,8 +11,8 @@ from its own randomness (--seed, printed, reproduces a verdict):
   base    the validation tokens as they are, auditing D random decoy targets (full distributions dumped);
   probe k (k = 1..K, one per K-th of the pass) a target q drawn at random gets a random other token and every
           later non-BOS token to one past q's chunk is replaced (alternately rare random tokens or the most
-          frequent token repeated); the text stops there (a probe costs the prefix it needs, K probes about K/2 passes); q and the decoys
-          before the end are audited.
+          frequent token repeated); the text stops there (a probe costs the prefix it needs, K probes about
+          K/2 passes); q and the decoys before the end are audited.
 The base run does not know which targets are probed, so what it reports there is compared with what a probe
 run, which changed that target, reports. Rows (exit 1 if any fails):
   size / code bytes / code hash / tokenizer / log source   artifact + bytes of the file run <= both caps; the
