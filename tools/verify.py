@@ -182,7 +182,7 @@ class Chunks:
         return int(np.searchsorted(self.first, t, side="right") - 1)
 
 
-def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: int, doc: bool) -> list:
+def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: int, doc: bool, usable=None) -> list:
     """K probes, the k-th in the k-th K-th of the targets: (q, new token, text length L, the changed text from q on). The text
     goes one target past q's chunk (EVAL_MODE=doc: to the next BOS after that, so every document keeps its
     length); BOS tokens are never changed nor added; the later tokens, alternately (from a random start), drawn
@@ -190,7 +190,11 @@ def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: in
     per-chunk choice that reads the targets (a temperature, a mixing weight) moves one way or the other."""
     N, probes = tokens.size, []
     by_count = np.argsort(np.bincount(tokens, minlength=V)[:V], kind="stable")
-    rare, common = by_count[by_count != bos][:V // 2], by_count[by_count != bos][-1]
+    usable = np.ones(V, bool) if usable is None else usable[:V].copy()  # tokens of >= 1 byte (a chunk never sums to 0)
+    if 0 <= bos < V:
+        usable[bos] = False
+    by_count = by_count[usable[by_count]]
+    rare, common = by_count[:by_count.size // 2], by_count[-1]
     flip = int(rng.integers(2))
     edges = np.linspace(2, N, K + 1).astype(np.int64)
     for k in range(K):
@@ -204,7 +208,7 @@ def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: in
         L = end + 2 + int(later[0]) if later.size else N
         L = min(max(L, q + 1), N)
         part = tokens[q:L].copy()
-        part[0] = rng.choice([v for v in range(V) if v not in (int(tokens[q]), bos)])
+        part[0] = rng.choice(np.flatnonzero(usable & (np.arange(V) != tokens[q])))
         tail = np.flatnonzero(part[1:] != bos) + 1
         surprising = (k + flip) % 2 == 0
         part[tail] = rng.choice(rare, tail.size) if surprising else common
@@ -509,7 +513,8 @@ def verify(args, environ) -> tuple:
             ("tokenizer", *check_tokenizer(header, plan["tokenizer_path"])), ("log source", *check_log_source(log_path, source))]
     chunks = Chunks(n, plan)
     doc = str(env.get("EVAL_MODE", header.get("eval_settings", {}).get("eval_mode", ""))).lower() == "doc"
-    probes = draw_probes(rng, tokens, args.probes, chunks, V, bos, doc)
+    probes = draw_probes(rng, tokens, args.probes, chunks, V, bos, doc,
+                         tokenizer_bytes(plan["tokenizer_path"], np.r_[0, np.arange(V)])[:V] > 0)
     qs = {p["q"] for p in probes}
     pool = np.setdiff1d(np.arange(1, n), list(qs))
     decoys = np.sort(rng.choice(pool, min(pool.size, max(16, 4 * args.probes)), replace=False))
