@@ -5,7 +5,7 @@
 #   ./run.sh test            the test suite (what CI runs)
 #   ./run.sh gpu-check       one-command check of the CUDA path (CPU path at reduced size without CUDA)
 #   ./run.sh seeds 1337 42 2024 [--ref-mean M --ref-std S --ref-n N]   one run per seed + statistics
-#   ./run.sh verify ARTIFACT [--submission S] [--log L] [--tokens N]   prove an artifact's score valid
+#   ./run.sh verify ARTIFACT [--log L] [--script F] [--seed S] [--probes K] [--tokens N]   check an artifact's score
 # Settings are environment variables named as in train_gpt.py (SEED=42 ./run.sh, ...).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"

@@ -1,48 +1,52 @@
-"""Prove an artifact's score valid: one command for contest reviewers (README "Reviewers").
+"""Check an artifact's score against a script that may lie: one command for contest reviewers (README "Reviewers").
 
-    ./run.sh verify ARTIFACT [--submission submission.json] [--log logs/RUN.txt] [--tokens N]
-                             [--script train_gpt.py] [--nproc P] [--tol 1e-6]
+    ./run.sh verify ARTIFACT [--submission submission.json] [--log logs/RUN.txt] [--script build/train_gpt.py]
+                             [--seed S] [--probes K] [--tokens N] [--nproc P] [--tol 1e-6]
 
-It drives train_gpt.py with EVAL_ONLY and EVAL_DUMP_PATH as a subprocess (under torchrun with --nproc > 1),
-so it needs only the artifact, the tokenizer and the validation shards (DATA_PATH, TOKENIZER_PATH and every
-other setting from the environment; with --log, settings missing from the environment come from the log's
-`config:` line, so an embedded-corpus artifact is scored with the settings it was made with). Three runs on
-the same tokens:
-  base    the validation tokens as they are: the score, the per-target dump;
-  cut     every token from a cut point on replaced by a fixed-point-free permutation of the vocabulary;
-  target  one target's token replaced by a token never seen after its context.
-and one table of checks, exiting 1 if any fails:
-  size            artifact + code bytes <= 16,000,000 and <= the run's ARTIFACT_SIZE_CAP (from --log's config)
-  code hash       the artifact header's code_sha256 (tg.artifact_header) is the sha256 of the verified script
-  log source      the source embedded in the log is the verified script (with --log)
+Nothing is taken on the script's word: verify never imports it. It reads the artifact header, unpacks a
+compressed --script, counts bytes with the tokenizer and recounts n-grams with its own code, and it runs the
+script (EVAL_ONLY + EVAL_DUMP_PATH + EVAL_AUDIT_PATH, a copy of script and artifact in a fresh folder with its
+own HOME and TMPDIR per run, under torchrun with --nproc > 1) on texts it changed at positions drawn at run time
+from its own randomness (--seed, printed, reproduces a verdict):
+  base    the validation tokens as they are, auditing D random decoy targets (full distributions dumped);
+  probe k (k = 1..K, one per K-th of the pass) a target q drawn at random gets a random other token and every
+          later non-BOS token to one past q's chunk is replaced (alternately rare random tokens or the most
+          frequent token repeated); the text stops there (a probe costs the prefix it needs, K probes about
+          K/2 passes); q and the decoys before the end are audited.
+The base run does not know which targets are probed, so what it reports there is compared with what a probe
+run, which changed that target, reports. Rows (exit 1 if any fails):
+  size / code bytes / code hash / tokenizer / log source   artifact + bytes of the file run <= both caps; the
+        log's `code:` line ran this very file; the header's code_sha256 is the readable source's sha256 (the
+        compressed wrapper unpacked here); the header's tokenizer hash; the log embeds the same source
   score           the base run's final_integrated_exact val_bpb equals the log's / submission.json's
-  BPB from dump   sum(mixed_nll) / ln 2 / sum(bytes) from the dump equals the printed val_bpb
-  bytes           the dump's per-target bytes equal the tokenizer's (README "Data" rule, recomputed here)
-  C4 once         times_scored == 1 for every target
-  C1 causal       cut run: every target before the cut is bit-identical (model_nll, mixed_nll, order,
-                  alpha, and audit_p rows): scores, cache state and weights do not see the future
-                  (order = the highest n-gram order whose context was seen, 0 none; alpha = the weight of the
-                  Witten-Bell chain not on the model, i.e. 1 - the model's share; both as evaluate dumps them)
-  C2 normalized   at the audited targets (audit_pos, audit_p) the full distribution sums to 1 and its
-                  entry at the target is exp(-mixed_nll)
-  C2 weights      target run: order and alpha at the changed target are unchanged (the context's counts,
-                  distinct continuations and the learned mixing parameters never read the target)
-  C2 distribution target run: the audited distribution at the changed target is unchanged, and its entry
-                  at the new token is the new score
-A full check costs three evaluations (on the real data, three times the eval time; use --nproc on GPUs).
-With --tokens N every run uses the first N validation tokens (a quick check of a prefix; the table says so
-and the score row is skipped: a prefix score is not the submitted one).
+  BPB recomputed  sum(mixed_nll) / ln 2 / (bytes counted here from the tokenizer) equals the printed val_bpb
+  bytes           the dump's per-target bytes equal the tokenizer's (README "Data" rule)
+  C4 once         every run covers each of its targets once (times_scored == 1)
+  C1 causal       each probe: targets before q bit-identical to the base run (scores, order, alpha, audited rows)
+                  and some later score changed; catches state, caches or per-chunk choices reading what follows
+  C2 target       each probe: the distribution the probe run commits to at q (audit_p, normalized) gives the new
+                  token the probe's score and the original token the base run's score (the base did not know q
+                  was probed): a distribution that reads its target, wherever it does, fails here
+  C2 weights      each probe: order and alpha at q are the base run's
+  C2 normalized   every audited row of every run: sums to 1, >= 0, its entry at the target is exp(-mixed_nll)
+  n-gram recomputed  every audited row equals verify's own Witten-Bell chain over its own exact counts of the
+                  targets before q's chunk, given the dumped model distribution and escape multipliers
+With --tokens N all runs use the first N validation tokens (the score row is then skipped).
 """
 import argparse
+import base64
 import hashlib
-import importlib.util
 import json
+import lzma
 import math
 import os
 import re
+import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +54,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CAP_BYTES = 16_000_000  # the contest's cap on artifact + code (decimal)
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+ARTIFACT_MAGIC = b"PGOLF\x06"
+WRAPPER = re.compile(rb'\Aimport lzma,base64\nexec\(compile\(lzma\.decompress\(base64\.b85decode\("([0-9A-Za-z!#$%&()*+\-;<=>?@^_`{|}~]*)"\)\),"train_gpt\.py","exec"\)\)\n\Z')
 EXACT = re.compile(r"^final_integrated_exact val_loss:(\d\S*) val_bpb:(\d\S*)$", re.M)
-DUMP_KEYS = ("model_nll", "mixed_nll", "order", "alpha")  # scores, highest seen order, weight off the model
+DUMP_KEYS = ("model_nll", "mixed_nll", "order", "alpha", "bytes", "times_scored")
+PLAN = dict(vocab_size=1024, eval_seq_len=2048, eval_stride=64, ttt_chunk_tokens=65536, artifact_size_cap=CAP_BYTES)
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 
 # ------------------------------------------------------------------------------------------------
-# shards, settings, runs
+# files: shards, artifact header, script forms, settings
 # ------------------------------------------------------------------------------------------------
 
 def read_shard(path: Path) -> np.ndarray:
@@ -84,8 +91,24 @@ def validation_tokens(data_path: str) -> np.ndarray:
     return np.concatenate([read_shard(p) for p in files])
 
 
-def settings(log_path: Path | None, environ) -> dict:
-    """The environment train_gpt.py runs with: the log's config (if any) overlaid by the environment."""
+def artifact_header(path: Path) -> dict:
+    """The JSON header of an artifact (magic, u32 length, JSON), parsed here."""
+    blob = path.read_bytes()[:1 << 24]
+    if not blob.startswith(ARTIFACT_MAGIC):
+        raise ValueError("not an artifact (bad magic)")
+    (n,) = struct.unpack_from("<I", blob, len(ARTIFACT_MAGIC))
+    return json.loads(blob[len(ARTIFACT_MAGIC) + 4:len(ARTIFACT_MAGIC) + 4 + n])
+
+
+def readable_source_of(blob: bytes) -> tuple:
+    """(readable source bytes, form): a file that is exactly the self-extracting wrapper is decoded here."""
+    m = WRAPPER.match(blob)
+    return (lzma.decompress(base64.b85decode(m[1])), "compressed") if m else (blob, "readable")
+
+
+def settings(log_path: Path | None, environ, header: dict) -> tuple:
+    """(the environment the runs get: the log's config overlaid by the environment; the values verify plans
+    with: environment > artifact's eval settings > defaults). Planned values are passed to every run."""
     env = {}
     if log_path is not None:
         line = next((l for l in log_path.read_text(encoding="utf-8").splitlines() if l.startswith("config: ")), None)
@@ -93,142 +116,161 @@ def settings(log_path: Path | None, environ) -> dict:
             raise SystemExit(f"verify: --log {log_path} has no 'config:' line")
         env = {k.upper(): str(v) for k, v in json.loads(line[len("config: "):]).items()}
     env.update(environ)
-    for k in ("EVAL_ONLY", "EVAL_DUMP_PATH", "OUTPUT_DIR", "RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for k in ("EVAL_ONLY", "EVAL_DUMP_PATH", "EVAL_AUDIT_PATH", "OUTPUT_DIR", "RUN_ID", "RANK", "WORLD_SIZE",
+              "LOCAL_RANK"):
         env.pop(k, None)
-    return env
+    recorded = {**header.get("eval_settings", {}), "vocab_size": header.get("config", {}).get("vocab_size")}
+    plan = {k: int(env.get(k.upper(), recorded.get(k) if recorded.get(k) is not None else v)) for k, v in PLAN.items()}
+    V = plan["vocab_size"]
+    plan["data_path"] = env.get("DATA_PATH") or f"./data/datasets/fineweb10B_sp{V}"
+    plan["tokenizer_path"] = env.get("TOKENIZER_PATH") or f"./data/tokenizers/fineweb_{V}_bpe.model"
+    env.update({k.upper(): str(plan[k]) for k in ("vocab_size", "eval_seq_len", "eval_stride", "ttt_chunk_tokens")})
+    env["TOKENIZER_PATH"] = str(Path(plan["tokenizer_path"]).resolve())
+    return env, plan
 
 
-def load_script(script: Path):
-    """The verified train_gpt.py as a module (importing it does nothing, STYLE rule 5)."""
-    spec = importlib.util.spec_from_file_location("verified_train_gpt", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def eval_run(script: Path, env: dict, artifact: Path, tokens: np.ndarray, work: Path, tag: str, nproc: int) -> dict:
-    """One EVAL_ONLY run on `tokens`: {'bpb', 'loss', 'dump'} or {'error'}."""
+def eval_run(script: Path, env: dict, artifact: Path, tokens: np.ndarray, audit: np.ndarray, work: Path, tag: str,
+             nproc: int) -> dict:
+    """One EVAL_ONLY run on `tokens` in a fresh folder (copies of script and artifact, own HOME/TMPDIR/caches):
+    {'bpb', 'loss', 'dump', 'seconds'} or {'error'}."""
     run_dir = work / tag
     data = write_shard(run_dir / "data", tokens)
+    for sub in ("home", "tmp", "cache"):
+        (run_dir / sub).mkdir()
+    np.save(run_dir / "audit.npy", audit.astype(np.int64))
+    shutil.copyfile(script, run_dir / script.name)
+    shutil.copyfile(artifact, run_dir / artifact.name)
     dump_path = run_dir / "dump.npz"
-    env = {**env, "DATA_PATH": str(data), "EVAL_ONLY": str(artifact), "EVAL_DUMP_PATH": str(dump_path),
-           "OUTPUT_DIR": str(run_dir), "RUN_ID": f"verify_{tag}"}
-    cmd = [sys.executable, str(script)] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
-    print(f"verify: {tag} run on {tokens.size} tokens ...", flush=True)
+    env = {**env, "DATA_PATH": str(data), "EVAL_ONLY": str(run_dir / artifact.name), "EVAL_DUMP_PATH": str(dump_path),
+           "EVAL_AUDIT_PATH": str(run_dir / "audit.npy"), "OUTPUT_DIR": str(run_dir / "out"), "RUN_ID": f"verify_{tag}",
+           "HOME": str(run_dir / "home"), "TMPDIR": str(run_dir / "tmp"), "XDG_CACHE_HOME": str(run_dir / "cache"),
+           "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "cache" / "inductor"), "TRITON_CACHE_DIR": str(run_dir / "cache" / "triton")}
+    cmd = [sys.executable, str(run_dir / script.name)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(run_dir / script.name)]
+    t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=run_dir, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
     found = EXACT.findall(r.stdout)
     if r.returncode != 0 or not found or not dump_path.exists():
         why = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(error=f"{tag} EVAL_ONLY run failed (exit {r.returncode}): {why[:200]}")
+        return dict(error=f"{tag} run failed (exit {r.returncode}): {why[:200]}")
     with np.load(dump_path) as z:
         dump = {k: z[k] for k in z.files}
-    return dict(loss=float(found[-1][0]), bpb=float(found[-1][1]), dump=dump)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return dict(loss=float(found[-1][0]), bpb=float(found[-1][1]), dump=dump, seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------------
-# perturbations
+# the pass's structure, probes, independent n-gram mixture
 # ------------------------------------------------------------------------------------------------
 
-def cut_point(n_tokens: int, chunk: int, stride: int) -> int:
-    """A target position in the middle of the middle chunk and between window boundaries, so that a cache
-    updated with a chunk before scoring it, or a window reading past its own targets, sees the change."""
-    middle = ((n_tokens - 2) // chunk) // 2
-    return int(min(max(2, middle * chunk + chunk // 2 + stride // 2 + 1), n_tokens - 1))
+class Chunks:
+    """Which targets each chunk holds (sliding windows of EVAL_SEQ_LEN by EVAL_STRIDE over targets 1..N-1, a
+    window in chunk (end - 1) // TTT_CHUNK_TOKENS), recomputed here from the settings."""
+
+    def __init__(self, n_tokens: int, plan: dict):
+        last = n_tokens - 1
+        first_end = min(plan["eval_seq_len"], last)
+        self.ends = np.r_[np.arange(first_end, last, plan["eval_stride"]), last].astype(np.int64)
+        chunk = (self.ends - 1) // plan["ttt_chunk_tokens"]
+        starts = np.r_[1, self.ends[:-1] + 1]
+        new = np.r_[True, chunk[1:] != chunk[:-1]]
+        self.first = starts[new]            # first target of each chunk
+        self.last = np.r_[self.first[1:] - 1, last]
+
+    def of(self, t: int) -> int:
+        return int(np.searchsorted(self.first, t, side="right") - 1)
 
 
-def permute_after(tokens: np.ndarray, cut: int, vocab: int) -> np.ndarray:
-    out = tokens.copy()
-    out[cut:] = (out[cut:].astype(np.int64) + vocab // 2 + 1) % vocab  # fixed-point free: every token changes
+def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: int, doc: bool, usable=None) -> list:
+    """K probes, the k-th in the k-th K-th of the targets: (q, new token, text length L, the changed text from q on). The text
+    goes one target past q's chunk (EVAL_MODE=doc: to the next BOS after that, so every document keeps its
+    length); BOS tokens are never changed nor added; the later tokens, alternately (from a random start), drawn
+    from the rarer half of the vocabulary (surprising) or the most frequent token repeated (predictable), so that a
+    per-chunk choice that reads the targets (a temperature, a mixing weight) moves one way or the other."""
+    N, probes = tokens.size, []
+    by_count = np.argsort(np.bincount(tokens, minlength=V)[:V], kind="stable")
+    usable = np.ones(V, bool) if usable is None else usable[:V].copy()  # tokens of >= 1 byte (a chunk never sums to 0)
+    if 0 <= bos < V:
+        usable[bos] = False
+    by_count = by_count[usable[by_count]]
+    rare, common = by_count[:by_count.size // 2], by_count[-1]
+    flip = int(rng.integers(2))
+    edges = np.linspace(2, N, K + 1).astype(np.int64)
+    for k in range(K):
+        cand = np.arange(edges[k], max(edges[k + 1], edges[k] + 1))
+        cand = cand[(cand < N) & (tokens[np.minimum(cand, N - 1)] != bos)]
+        if cand.size == 0:
+            continue
+        q = int(rng.choice(cand))
+        end = int(chunks.last[chunks.of(q)])
+        later = np.flatnonzero(tokens[end + 2:] == bos) if doc else np.zeros(1, np.int64)
+        L = end + 2 + int(later[0]) if later.size else N
+        L = min(max(L, q + 1), N)
+        part = tokens[q:L].copy()
+        part[0] = rng.choice(np.flatnonzero(usable & (np.arange(V) != tokens[q])))
+        tail = np.flatnonzero(part[1:] != bos) + 1
+        surprising = (k + flip) % 2 == 0
+        part[tail] = rng.choice(rare, tail.size) if surprising else common
+        probes.append(dict(q=q, new=int(part[0]), L=L, part=part, tail="rare" if surprising else "repeat"))
+    return probes
+
+
+def context_hashes(tokens: np.ndarray, n_max: int) -> dict:
+    """{n: h} with h[p] a 64-bit hash of the n - 1 tokens before p (p >= n - 1), for n = 2..n_max."""
+    t = tokens.astype(np.uint64) + np.uint64(1)
+    h, out, mult = np.zeros(tokens.size, np.uint64), {}, np.uint64(1)
+    for k in range(1, n_max):
+        with np.errstate(over="ignore"):
+            h[k:] += t[:-k] * mult
+            mult *= np.uint64(0x9E3779B97F4A7C15)
+        out[k + 1] = h.copy()
     return out
 
 
-def unseen_token(tokens: np.ndarray, t: int, order: int, vocab: int) -> int:
-    """A token that never followed tokens[t-order+1:t] before t (the cache cannot hold it at that context)."""
-    n = min(max(1, order - 1), t)
-    ctx = tokens[t - n:t]
-    hit = np.ones(t - n, dtype=bool)  # candidate positions p = n..t-1 of a following token
-    for k in range(n):
-        hit &= tokens[k:t - n + k] == ctx[k]
-    seen = set(tokens[n:t][hit].tolist()) | {int(tokens[t])}
-    return next(v for v in list(range(4, vocab)) + list(range(4)) if v not in seen)
-
-
-def pick_target(base: dict, n_tokens: int) -> int:
-    """A target where a context was seen (order > 0) and the mix beat the model (the target was seen after
-    it, so its entry came from counts): an audited one when the dump has audit arrays, else any; the one
-    nearest the middle."""
-    d = base["dump"]
-    pos = d["audit_pos"].astype(np.int64) if "audit_pos" in d else np.arange(1, n_tokens)
-    pos = pos[(pos >= 2) & (pos < n_tokens)]
-    used = d["order"][pos - 1] > 0 if "order" in d else d["alpha"][pos - 1] > 0 if "alpha" in d else \
-        np.ones(pos.size, dtype=bool)
-    for good in (used & (d["mixed_nll"][pos - 1] < d["model_nll"][pos - 1]), used, np.ones(pos.size, dtype=bool)):
-        if good.any():
-            cand = pos[good]
-            return int(cand[np.argmin(np.abs(cand - n_tokens // 2))])
-    return n_tokens // 2
+def ngram_rows(tokens: np.ndarray, targets: np.ndarray, cached_upto: np.ndarray, orders: list, model_p: np.ndarray,
+               beta: np.ndarray, V: int, hashes: dict) -> np.ndarray:
+    """Interpolated Witten-Bell over exact counts, computed here: for each target t the pairs (context, token p)
+    of targets p < cached_upto[t], per order n (highest first in `orders`): C = count(ctx), c(v), u = distinct v;
+    from the lowest order up p = (c + beta u p) / (C + beta u) where C > 0, bottoming out in model_p."""
+    counts = {}
+    for n in orders:
+        h = hashes[n]
+        want = np.unique(h[targets])
+        hit = np.flatnonzero(want[np.searchsorted(want, h).clip(max=want.size - 1)] == h)
+        hit = hit[hit >= n - 1]
+        counts[n] = (h[hit], hit)
+    out = np.empty((targets.size, V))
+    for i, t in enumerate(targets.tolist()):
+        p = model_p[i].astype(np.float64)
+        for j in reversed(range(len(orders))):
+            n = orders[j]
+            if t - (n - 1) < 0:
+                continue
+            hv, pos = counts[n]
+            pos = pos[(hv == hashes[n][t]) & (pos < cached_upto[i])]
+            ctx = tokens[t - n + 1:t]
+            if pos.size:  # exact contexts only (a hash collision is dropped here)
+                same = np.all(tokens[pos[:, None] + np.arange(-(n - 1), 0)] == ctx, axis=1)
+                pos = pos[same]
+            if pos.size == 0:
+                continue
+            c = np.bincount(tokens[pos], minlength=V).astype(np.float64)
+            kappa = beta[i, j] * np.count_nonzero(c)
+            p = (c + kappa * p) / (pos.size + kappa)
+        out[i] = p
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # checks: each returns (status, detail)
 # ------------------------------------------------------------------------------------------------
 
-def first_diff(a: dict, b: dict, upto: int) -> str | None:
-    """The first array among DUMP_KEYS that differs (bitwise) between two dumps on targets 1..upto."""
-    for k in (k for k in DUMP_KEYS if k in a and k in b):
-        x, y = np.ascontiguousarray(a[k][:upto]), np.ascontiguousarray(b[k][:upto])
-        bad = np.flatnonzero((x.view(np.uint8) != y.view(np.uint8)).reshape(x.size, -1).any(1))
-        if bad.size:
-            return f"{k} differs at {bad.size} targets before the cut, first at target {bad[0] + 1}"
-    return None
-
-
-def check_size(artifact: Path, script: Path, run_cap: int) -> tuple:
-    """Against the contest's cap and the run's own ARTIFACT_SIZE_CAP (from --log's config when given)."""
-    a, c = artifact.stat().st_size, script.stat().st_size
-    cap = min(CAP_BYTES, run_cap)
-    return (PASS if a + c <= cap else FAIL), f"artifact {a} + code {c} = {a + c} (cap {CAP_BYTES}, the run's {run_cap})"
-
-
-def check_code_hash(mod, artifact: Path, script: Path) -> tuple:
-    try:
-        header = mod.artifact_header(artifact) if hasattr(mod, "artifact_header") else {}
-    except Exception as e:  # a corrupt or foreign artifact: say so in the table
-        return FAIL, f"artifact_header failed: {e}"
-    recorded = header.get("code_sha256")
-    if not recorded:
-        return FAIL, "artifact has no code hash"
-    ours = hashlib.sha256(script.read_bytes()).hexdigest()
-    return (PASS if recorded == ours else FAIL), f"artifact {recorded[:16]}… vs {script.name} {ours[:16]}…"
-
-
-def check_log_source(log_path: Path | None, script: Path) -> tuple:
-    if log_path is None:
-        return SKIP, "no --log given"
-    m = re.search(r"^=+ source: train_gpt\.py =+\n(.*?)\n={100}$", log_path.read_text(encoding="utf-8"), re.M | re.S)
-    if m is None:
-        return FAIL, f"{log_path} embeds no source"
-    same = m[1] == script.read_text(encoding="utf-8")
-    return (PASS if same else FAIL), f"{log_path.name} source {'is' if same else 'is NOT'} {script.name}"
-
-
-def check_score(base: dict, claims: dict, prefix: bool, tol: float) -> tuple:
-    if "error" in base:
-        return FAIL, base["error"]
-    if prefix:
-        return SKIP, f"prefix run scored val_bpb {base['bpb']:.8f}; the full score is not reproduced"
-    if not claims:
-        return SKIP, f"val_bpb {base['bpb']:.8f}; nothing to compare (give --log or --submission)"
-    parts = [f"{name} {v:.8f}" for name, v in claims.items()]
-    ok = all(abs(v - base["bpb"]) <= tol for v in claims.values())
-    return (PASS if ok else FAIL), f"reproduced {base['bpb']:.8f} vs " + ", ".join(parts) + f" (tol {tol:g})"
-
-
-def check_bpb(base: dict, tol: float) -> tuple:
-    d = base["dump"]
-    bpb = d["mixed_nll"].sum() / math.log(2) / d["bytes"].sum()
-    return (PASS if abs(bpb - base["bpb"]) <= tol else FAIL), f"dump {bpb:.8f} vs printed {base['bpb']:.8f}"
+def differs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return np.ones(max(len(a), len(b)), dtype=bool)
+    return (a.view(np.uint64) != b.view(np.uint64)).reshape(a.shape[0], -1).any(1) if a.size else np.zeros(len(a), bool)
 
 
 def tokenizer_bytes(tokenizer_path: str, tokens: np.ndarray) -> np.ndarray:
@@ -252,94 +294,168 @@ def tokenizer_bytes(tokenizer_path: str, tokens: np.ndarray) -> np.ndarray:
     return base[tgt] + (space[tgt] & ~boundary[prev])
 
 
-def check_bytes(base: dict, tokenizer_path: str, tokens: np.ndarray) -> tuple:
-    ours = tokenizer_bytes(tokenizer_path, tokens)
-    bad = np.flatnonzero(ours != base["dump"]["bytes"])
+def check_size(artifact: Path, script: Path, run_cap: int) -> tuple:
+    a, c = artifact.stat().st_size, script.stat().st_size
+    cap = min(CAP_BYTES, run_cap)
+    return (PASS if a + c <= cap else FAIL), f"artifact {a} + code {c} ({script.name}) = {a + c} (cap {CAP_BYTES}, the run's {run_cap})"
+
+
+def check_code_bytes(log_path: Path | None, script: Path, form: str) -> tuple:
+    if log_path is None:
+        return SKIP, f"no --log: {script.name} ({form}, {script.stat().st_size} bytes) counted as given"
+    m = re.search(r"^code: .*?bytes:(\d+) .*?form:(\w+)", log_path.read_text(encoding="utf-8"), re.M)
+    if m is None:
+        return FAIL, f"{log_path.name} has no 'code:' line"
+    same = int(m[1]) == script.stat().st_size and m[2] == form
+    return (PASS if same else FAIL), (f"the run started from a {m[1]}-byte {m[2]} file; --script is {script.stat().st_size} "
+                                      f"bytes, {form}" + ("" if same else " (verify the form that was run)"))
+
+
+def check_code_hash(header: dict, source: bytes) -> tuple:
+    recorded, ours = header.get("code_sha256"), hashlib.sha256(source).hexdigest()
+    if not recorded:
+        return FAIL, "artifact has no code hash"
+    return (PASS if recorded == ours else FAIL), f"artifact {recorded[:16]}… vs readable source {ours[:16]}…"
+
+
+def check_tokenizer(header: dict, tokenizer_path: str) -> tuple:
+    ours = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    ok = header.get("tokenizer_sha256") == ours
+    return (PASS if ok else FAIL), f"artifact {str(header.get('tokenizer_sha256'))[:16]}… vs {Path(tokenizer_path).name} {ours[:16]}…"
+
+
+def check_log_source(log_path: Path | None, source: bytes) -> tuple:
+    if log_path is None:
+        return SKIP, "no --log given"
+    m = re.search(r"^=+ source: train_gpt\.py =+\n(.*?)\n={100}$", log_path.read_text(encoding="utf-8"), re.M | re.S)
+    if m is None:
+        return FAIL, f"{log_path} embeds no source"
+    same = m[1] == source.decode("utf-8", "replace")
+    return (PASS if same else FAIL), f"{log_path.name} source {'is' if same else 'is NOT'} the verified script's"
+
+
+def check_score(base: dict, claims: dict, prefix: bool, tol: float) -> tuple:
+    if prefix:
+        return SKIP, f"prefix run scored val_bpb {base['bpb']:.8f}; the full score is not reproduced"
+    if not claims:
+        return SKIP, f"val_bpb {base['bpb']:.8f}; nothing to compare (give --log or --submission)"
+    parts = [f"{name} {v:.8f}" for name, v in claims.items()]
+    ok = all(abs(v - base["bpb"]) <= tol for v in claims.values())
+    return (PASS if ok else FAIL), f"reproduced {base['bpb']:.8f} vs " + ", ".join(parts) + f" (tol {tol:g})"
+
+
+def check_bpb(base: dict, ours: np.ndarray, tol: float) -> tuple:
+    nll = base["dump"]["mixed_nll"]
+    if nll.size != ours.size or not np.isfinite(nll).all():
+        return FAIL, f"dump holds {nll.size} scores (finite: {np.isfinite(nll).all()}), the text {ours.size} targets"
+    bpb = nll.sum() / math.log(2) / ours.sum()
+    return (PASS if abs(bpb - base["bpb"]) <= tol else FAIL), f"{bpb:.8f} from the dump and our bytes vs printed {base['bpb']:.8f}"
+
+
+def check_bytes(base: dict, ours: np.ndarray) -> tuple:
+    d = base["dump"]["bytes"]
+    bad = np.flatnonzero(ours != d) if d.size == ours.size else np.arange(ours.size)
     if bad.size:
         return FAIL, f"{bad.size} targets differ from the tokenizer's bytes, first at target {bad[0] + 1}"
     return PASS, f"{int(ours.sum())} bytes over {ours.size} targets"
 
 
-def check_once(base: dict, n_tokens: int) -> tuple:
-    ts = base["dump"]["times_scored"]
-    if ts.size != n_tokens - 1:
-        return FAIL, f"dump covers {ts.size} targets, expected {n_tokens - 1}"
+def check_once(tag: str, n: int, run: dict) -> tuple:
+    ts = run["dump"]["times_scored"]
     bad = np.flatnonzero(ts != 1)
-    if bad.size:
-        return FAIL, f"{bad.size} targets scored != 1 times (target {bad[0] + 1}: {ts[bad[0]]:g} times)"
-    return PASS, f"{ts.size} targets, each scored once"
+    if ts.size != n - 1 or bad.size:
+        return FAIL, f"{tag}: {ts.size} targets of {n - 1}, {bad.size} scored != 1 times"
+    return PASS, f"{tag} {n - 1}"
 
 
-def check_causal(base: dict, cut_run: dict, cut: int) -> tuple:
-    if "error" in cut_run:
-        return FAIL, cut_run["error"]
-    a, b = base["dump"], cut_run["dump"]
-    diff = first_diff(a, b, cut - 1)
-    if diff is None and "audit_p" in a:
-        early = a["audit_pos"] < cut
-        if not np.array_equal(a["audit_pos"], b["audit_pos"]) or not np.array_equal(a["audit_p"][early],
-                                                                                        b["audit_p"][early]):
-            diff = "audit positions or audited distributions before the cut differ"
-    if diff is not None:
-        return FAIL, f"tokens >= {cut} permuted: {diff}"
-    if np.array_equal(a["mixed_nll"][cut - 1:], b["mixed_nll"][cut - 1:]):
-        return FAIL, f"tokens >= {cut} permuted but no later score changed: the check is vacuous"
-    rows = f", audit_p at {int((a['audit_pos'] < cut).sum())} audited targets" if "audit_p" in a else ""
-    return PASS, f"tokens >= {cut} permuted: targets 1..{cut - 1} bit-identical ({', '.join(DUMP_KEYS)}{rows})"
+def check_causal(base: dict, pr: dict) -> tuple:
+    a, b, q, tag = base["dump"], pr["run"]["dump"], pr["q"], pr["tag"]
+    for k in ("model_nll", "mixed_nll", "order", "alpha"):
+        bad = np.flatnonzero(differs(a[k][:q - 1], b[k][:q - 1]))
+        if bad.size:
+            return FAIL, f"{tag} (q={q}): {k} differs from the base at {bad.size} targets before q, first at {bad[0] + 1}"
+    ra = np.isin(a["audit_pos"], b["audit_pos"]) & (a["audit_pos"] < q)
+    rb = np.isin(b["audit_pos"], a["audit_pos"]) & (b["audit_pos"] < q)
+    if differs(a["audit_p"][ra], b["audit_p"][rb]).any():
+        return FAIL, f"{tag} (q={q}): an audited distribution before q differs from the base's"
+    if np.array_equal(a["mixed_nll"][q - 1:pr["L"] - 1], b["mixed_nll"][q - 1:]):
+        return FAIL, f"{tag} (q={q}): no score from q on changed: the check is vacuous"
+    return PASS, f"{q}"
 
 
-def audit_arrays(base: dict) -> str | None:
-    if "error" in base:
-        return base["error"]
-    missing = [k for k in ("audit_pos", "audit_p") if k not in base["dump"]]
-    return f"dump has no audit arrays ({', '.join(missing)} missing)" if missing else None
+def row_at(run: dict, t: int):
+    d = run["dump"]
+    i = np.flatnonzero(d["audit_pos"] == t)
+    return d["audit_p"][i[0]] if i.size else None
 
 
-def check_normalized(base: dict, tokens: np.ndarray) -> tuple:
-    why = audit_arrays(base)
-    if why:
-        return FAIL, why
-    d = base["dump"]
+def check_target(base: dict, pr: dict, tokens: np.ndarray) -> tuple:
+    q, new, run, tag = pr["q"], pr["new"], pr["run"], pr["tag"]
+    p = row_at(run, q)
+    if p is None:
+        return FAIL, f"{tag}: target {q} is not in the probe run's audit rows"
+    sum_err = abs(p.sum() - 1)
+    new_err = abs(math.log(p[new]) + run["dump"]["mixed_nll"][q - 1]) if p[new] > 0 else math.inf
+    old_err = abs(math.log(p[tokens[q]]) + base["dump"]["mixed_nll"][q - 1]) if p[tokens[q]] > 0 else math.inf
+    if not (sum_err <= 1e-9 and p.min() >= 0 and new_err <= 1e-9 and old_err <= 1e-9):
+        return FAIL, (f"{tag} (q={q}, token {tokens[q]}->{new}): the probe's distribution at q: |sum - 1| {sum_err:.1e}; "
+                      f"|log p[new] + the probe's score| {new_err:.1e}; |log p[original] + the base run's score| "
+                      f"{old_err:.1e}: the distribution depends on the target")
+    return PASS, f"{max(new_err, old_err):.1e}"
+
+
+def check_weights(base: dict, pr: dict) -> tuple:
+    a, b, q = base["dump"], pr["run"]["dump"], pr["q"]
+    for k in ("order", "alpha"):
+        if differs(a[k][q - 1:q], b[k][q - 1:q]).any():
+            return FAIL, f"{pr['tag']} (q={q}): {k} {a[k][q - 1]:.6g} in the base, {b[k][q - 1]:.6g} with the new target"
+    return PASS, f"{q}"
+
+
+def check_normalized(tag: str, text: np.ndarray, run: dict) -> tuple:
+    d = run["dump"]
     pos, p = d["audit_pos"].astype(np.int64), d["audit_p"]
     if pos.size == 0:
-        return FAIL, "dump has no audited targets (NGRAM_AUDIT_POSITIONS=0?)"
-    sum_err = np.abs(p.sum(1) - 1).max()
-    entry_err = np.abs(np.log(p[np.arange(pos.size), tokens[pos]]) + d["mixed_nll"][pos - 1]).max()
-    ok = sum_err <= 1e-6 and entry_err <= 1e-6 and p.min() >= 0
-    return (PASS if ok else FAIL), (f"{pos.size} targets: max|sum p - 1| {sum_err:.1e}, "
-                                    f"max|log p[target] + mixed_nll| {entry_err:.1e}, min p {p.min():.1e}")
+        return FAIL, f"{tag}: no audited rows"
+    with np.errstate(divide="ignore"):
+        entry = np.abs(np.log(p[np.arange(pos.size), text[pos]]) + d["mixed_nll"][pos - 1]).max()
+    err = max(np.abs(p.sum(1) - 1).max(), entry)
+    if not (err <= 1e-9 and p.min() >= 0):
+        return FAIL, f"{tag}: max |sum p - 1| or |log p[target] + mixed_nll| {err:.1e}, min p {p.min():.1e}"
+    return PASS, f"{pos.size}:{err:.1e}"
 
 
-def check_weights(base: dict, trun: dict, t: int, tokens: np.ndarray, new: int) -> tuple:
-    if "error" in trun:
-        return FAIL, trun["error"]
-    a, b = base["dump"], trun["dump"]
-    missing = [k for k in ("order", "alpha") if k not in a or k not in b]
-    if missing:
-        return FAIL, f"dump has no {', '.join(missing)} array"
-    diff = first_diff(a, b, t - 1)
-    if diff is not None:
-        return FAIL, f"token {t} changed: {diff.replace('the cut', 'it')}"
-    same = [k for k in ("order", "alpha") if a[k][t - 1] == b[k][t - 1]]
-    detail = (f"target {t} token {tokens[t]}->{new}: order {a['order'][t - 1]:g}->{b['order'][t - 1]:g}, "
-              f"alpha {a['alpha'][t - 1]:.6g}->{b['alpha'][t - 1]:.6g}")
-    return (PASS if len(same) == 2 else FAIL), detail
+def check_ngram(tag: str, text: np.ndarray, run: dict, chunks: Chunks, V: int) -> tuple:
+    d = run["dump"]
+    if not {"audit_model_p", "audit_beta", "orders"} <= set(d):
+        return FAIL, f"{tag}: dump has no audit_model_p / audit_beta / orders"
+    orders, pos = [int(o) for o in d["orders"]], d["audit_pos"].astype(np.int64)
+    upto = chunks.first[[chunks.of(int(t)) for t in pos]]
+    ours = ngram_rows(text, pos, upto, orders, d["audit_model_p"], d["audit_beta"], V, context_hashes(text, max(orders + [2])))
+    rel = np.abs(ours - d["audit_p"]) / np.maximum(np.maximum(ours, d["audit_p"]), 1e-300)
+    err = rel.max() if rel.size else 0.0
+    if not err <= 1e-9:
+        return FAIL, f"{tag}: audited target {pos[int(np.argmax(rel.max(1)))]}: our mixture differs by {err:.1e} (relative)"
+    return PASS, f"{pos.size}:{err:.1e}"
 
 
-def check_distribution(base: dict, trun: dict, t: int, new: int) -> tuple:
-    why = audit_arrays(base) or trun.get("error")
-    if why:
-        return FAIL, why
-    a, b = base["dump"], trun["dump"]
-    rows = np.flatnonzero(a["audit_pos"] == t)
-    if rows.size == 0 or "audit_p" not in b or not np.array_equal(a["audit_pos"], b["audit_pos"]):
-        return FAIL, f"target {t} is not audited in both runs (audit positions must depend on positions only)"
-    pa, pb = a["audit_p"][rows[0]], b["audit_p"][rows[0]]
-    moved = np.abs(pa - pb).max()
-    entry_err = abs(math.log(pa[new]) + b["mixed_nll"][t - 1])
-    ok = moved == 0 and entry_err <= 1e-9
-    return (PASS if ok else FAIL), (f"target {t}: max|p_before - p_after| {moved:.1e}; new score vs "
-                                    f"p_before[new] {entry_err:.1e}")
+def combine(results: list, summary) -> tuple:
+    """The first failure, else PASS with summary(list of the pass details)."""
+    failed = [r for r in results if r[0] == FAIL]
+    return failed[0] if failed else (PASS, summary([r[1] for r in results]))
+
+
+def rows_of(per_run: dict) -> list:
+    rows_max = lambda xs: f"{sum(int(x.split(':')[0]) for x in xs)} audited rows over {len(xs)} runs, max error " \
+                          f"{max(float(x.split(':')[1]) for x in xs):.1e}"
+    return [("C4 once", *combine(per_run["C4 once"], lambda xs: f"{len(xs)} runs, each target scored once")),
+            ("C1 causal", *combine(per_run["C1 causal"], lambda xs: f"{len(xs)} probes, targets before q bit-identical "
+                                                                   f"to the base (q = {', '.join(xs)})")),
+            ("C2 target", *combine(per_run["C2 target"], lambda xs: f"{len(xs)} probes: max |log p - score| "
+                                   f"{max(map(float, xs)):.1e} at the new (probe) and original (base) tokens")),
+            ("C2 weights", *combine(per_run["C2 weights"], lambda xs: f"{len(xs)} probes: order and alpha at q unchanged")),
+            ("C2 normalized", *combine(per_run["C2 normalized"], rows_max)),
+            ("n-gram recomputed", *combine(per_run["n-gram recomputed"], lambda xs: rows_max(xs) + " (relative, our counts)"))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,6 +474,10 @@ def claimed_scores(log_path: Path | None, submission: Path | None) -> dict:
     return claims
 
 
+RUN_ROWS = ("score", "BPB recomputed", "bytes", "C4 once", "C1 causal", "C2 target", "C2 weights", "C2 normalized",
+            "n-gram recomputed")
+
+
 def verify(args, environ) -> tuple:
     """All checks: ([(name, status, detail)], what tokens were checked)."""
     given = lambda p: (Path(args.base_dir) / p).resolve() if p else None
@@ -369,46 +489,75 @@ def verify(args, environ) -> tuple:
     if submission is not None and log_path is None:  # the log named in submission.json, next to it
         named = submission.parent / json.loads(submission.read_text()).get("log", "")
         log_path = named if named.is_file() else None
-    env = settings(log_path, environ)
-    mod = load_script(script)
-    hp = mod.Hyperparameters.from_env(env)
-    env["TOKENIZER_PATH"] = str(Path(hp.tokenizer_path).resolve())  # the runs' working folder is a temp one
-    tokens = validation_tokens(hp.data_path).astype(np.int64)
+    try:
+        header = artifact_header(artifact)
+    except (ValueError, struct.error) as e:
+        raise SystemExit(f"verify: {artifact}: {e}")
+    env, plan = settings(log_path, environ, header)
+    source, form = readable_source_of(script.read_bytes())
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    tokens = validation_tokens(plan["data_path"]).astype(np.int64)
     n_all = tokens.size
     prefix = args.tokens is not None and args.tokens < tokens.size
     if args.tokens is not None:
         tokens = tokens[:max(2, args.tokens)]
-    n = tokens.size
-    scope = f"PREFIX: the first {n} of {n_all} validation tokens (not the full score)" if prefix else \
-        f"all {n} validation tokens"
+    n, V = tokens.size, plan["vocab_size"]
+    import sentencepiece as spm
+    bos = spm.SentencePieceProcessor(model_file=plan["tokenizer_path"]).bos_id()
+    scope = (f"PREFIX: the first {n} of {n_all} validation tokens (not the full score)" if prefix else
+             f"all {n} validation tokens") + f" of {plan['data_path']} (sha256 {hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()[:16]}…); seed {seed}"
     claims = claimed_scores(log_path, submission)
-    rows = [("size", *check_size(artifact, script, hp.artifact_size_cap)), ("code hash", *check_code_hash(mod, artifact, script)),
-            ("log source", *check_log_source(log_path, script))]
+    rows = [("size", *check_size(artifact, script, plan["artifact_size_cap"])),
+            ("code bytes", *check_code_bytes(log_path, script, form)), ("code hash", *check_code_hash(header, source)),
+            ("tokenizer", *check_tokenizer(header, plan["tokenizer_path"])), ("log source", *check_log_source(log_path, source))]
+    chunks = Chunks(n, plan)
+    doc = str(env.get("EVAL_MODE", header.get("eval_settings", {}).get("eval_mode", ""))).lower() == "doc"
+    probes = draw_probes(rng, tokens, args.probes, chunks, V, bos, doc,
+                         tokenizer_bytes(plan["tokenizer_path"], np.r_[0, np.arange(V)])[:V] > 0)
+    qs = {p["q"] for p in probes}
+    pool = np.setdiff1d(np.arange(1, n), list(qs))
+    decoys = np.sort(rng.choice(pool, min(pool.size, max(16, 4 * args.probes)), replace=False))
+    passes = 1 + sum(p["L"] for p in probes) / n
+    logged = re.findall(r"^eval_budget: from_first_artifact_load:([\d.]+)s", log_path.read_text(encoding="utf-8"), re.M) \
+        if log_path is not None else []
+    print(f"verify: seed {seed}; {len(probes)} probes at targets {sorted(qs)} of {n - 1}; cost {passes:.2f} passes "
+          f"(base + probe prefixes) + {len(probes) + 1} starts" + (f", about {passes * float(logged[-1]) * n / n_all:.0f}s "
+          f"of evaluation at the logged run's speed" if logged else ""), flush=True)
+    per_run = {k: [] for k in ("C4 once", "C1 causal", "C2 target", "C2 weights", "C2 normalized", "n-gram recomputed")}
+
+    def run_rows(tag: str, text: np.ndarray, run: dict) -> None:
+        per_run["C4 once"].append(check_once(tag, text.size, run))
+        per_run["C2 normalized"].append(check_normalized(tag, text, run))
+        per_run["n-gram recomputed"].append(check_ngram(tag, text, run, chunks, V))
+
     with tempfile.TemporaryDirectory(prefix="verify_") as tmp:
         work = Path(tmp)
-        base = eval_run(script, env, artifact, tokens, work, "base", args.nproc)
-        rows.append(("score", *check_score(base, claims, prefix, args.tol)))
+        print(f"verify: base run on {n} tokens ...", flush=True)
+        base = eval_run(script, env, artifact, tokens, decoys, work, "base", args.nproc)
         if "error" in base:
-            return rows + [(name, FAIL, base["error"]) for name in
-                           ("BPB from dump", "bytes", "C4 once", "C1 causal", "C2 normalized", "C2 weights",
-                            "C2 distribution")], scope
-        rows.append(("BPB from dump", *check_bpb(base, args.tol)))
-        rows.append(("bytes", *check_bytes(base, hp.tokenizer_path, tokens)))
-        rows.append(("C4 once", *check_once(base, n)))
-        cut = cut_point(n, hp.ttt_chunk_tokens, hp.eval_stride)
-        cut_run = eval_run(script, env, artifact, permute_after(tokens, cut, hp.vocab_size), work, "cut", args.nproc)
-        rows.append(("C1 causal", *check_causal(base, cut_run, cut)))
-        del cut_run  # a full-size dump is ~3 GB: keep at most two in memory
-        rows.append(("C2 normalized", *check_normalized(base, tokens)))
-        t = pick_target(base, n)
-        order = int(base["dump"]["order"][t - 1]) if "order" in base["dump"] else getattr(hp, "ngram_eval_order", 9)
-        new = unseen_token(tokens, t, order, hp.vocab_size)
-        changed = tokens.copy()
-        changed[t] = new
-        trun = eval_run(script, env, artifact, changed, work, "target", args.nproc)
-        rows.append(("C2 weights", *check_weights(base, trun, t, tokens, new)))
-        rows.append(("C2 distribution", *check_distribution(base, trun, t, new)))
-    return rows, scope
+            return rows + [(name, FAIL, base["error"]) for name in RUN_ROWS], scope
+        print(f"verify: base run took {base['seconds']:.1f}s; the probes need {base['seconds'] * (passes - 1):.0f}s "
+              f"(their share of tokens) to {base['seconds'] * len(probes):.0f}s (if starting dominates) more", flush=True)
+        ours = tokenizer_bytes(plan["tokenizer_path"], tokens)
+        rows += [("score", *check_score(base, claims, prefix, args.tol)), ("BPB recomputed", *check_bpb(base, ours, args.tol)),
+                 ("bytes", *check_bytes(base, ours))]
+        run_rows("base", tokens, base)
+        for i, pr in enumerate(probes):
+            audit = np.union1d(decoys[decoys < pr["L"]], [pr["q"]])
+            pr["tag"] = f"probe {i + 1}"
+            print(f"verify: probe {i + 1}/{len(probes)}: target {pr['q']} {tokens[pr['q']]}->{pr['new']}, "
+                  f"{pr['tail']} tail, {pr['L']} tokens ...", flush=True)
+            text = np.concatenate([tokens[:pr["q"]], pr["part"]])
+            pr["run"] = eval_run(script, env, artifact, text, audit, work, f"probe{i + 1}", args.nproc)
+            if "error" in pr["run"]:
+                return rows + [(name, FAIL, pr["run"]["error"]) for name in RUN_ROWS[3:]], scope
+            run_rows(pr["tag"], text, pr["run"])
+            per_run["C1 causal"].append(check_causal(base, pr))
+            per_run["C2 target"].append(check_target(base, pr, tokens))
+            per_run["C2 weights"].append(check_weights(base, pr))
+            del pr["run"], text  # a full-size dump is GBs: at most the base's and one probe's in memory
+    return rows + rows_of(per_run), scope
 
 
 def table(rows: list, header: list) -> str:
@@ -424,20 +573,27 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--submission", help="submission.json whose val_bpb must be reproduced")
-    p.add_argument("--log", help="the run's log: its final_integrated_exact val_bpb, config and source")
+    p.add_argument("--log", help="the run's log: its final_integrated_exact val_bpb, config, code line and source")
+    p.add_argument("--script", default=str(ROOT / "train_gpt.py"),
+                   help="the file the run started from (readable or the compressed wrapper, e.g. build/train_gpt.py)")
+    p.add_argument("--seed", type=int, help="seed of the probe positions and tokens (default: drawn, and printed)")
+    p.add_argument("--probes", type=int, default=8, help="probes, one per K-th of the pass (about K/2 passes)")
     p.add_argument("--tokens", type=int, help="check only the first N validation tokens (a quick prefix check)")
-    p.add_argument("--script", default=str(ROOT / "train_gpt.py"), help="the train_gpt.py to verify")
     p.add_argument("--nproc", type=int, default=1, help="processes per EVAL_ONLY run (torchrun when > 1)")
     p.add_argument("--base-dir", default=".", help="folder the paths given here are relative to (run.sh: the caller's)")
     p.add_argument("--tol", type=float, default=1e-6, help="BPB tolerance of the score comparisons")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.probes < 1:
+        p.error("--probes must be >= 1")
+    return args
 
 
 def main(argv=None, environ=None) -> int:
     args = parse_args(argv)
+    t0 = time.perf_counter()
     rows, scope = verify(args, dict(os.environ if environ is None else environ))
     header = [f"verify {args.artifact} with {args.script}", f"checked: {scope}", "-" * 100]
-    print(table(rows, header), flush=True)
+    print(table(rows, header) + f"\nverify: {time.perf_counter() - t0:.0f}s", flush=True)
     return 1 if any(r[1] == FAIL for r in rows) else 0
 
 
