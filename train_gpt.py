@@ -1306,15 +1306,16 @@ def trained_scale_copy(model: GPT, seed: int) -> tuple:
 def plan_budget(trainer: Trainer, log: RunLog, warmup_seconds: dict | None = None) -> BudgetPlan | None:
     """Measure calibration + export before the clock, on weights at trained scale (`trained_scale_copy`), into a
     scratch folder: the same code the run ends with, at this model size and world size. The loop's step-time
-    ratio comes from the warm-up's last plain and looped steps (without a warm-up: virtual / physical layers)."""
+    ratio: the larger of virtual / physical layers (the blocks' share of a step grows by that) and the ratio of
+    the warm-up's last looped and plain steps (a short warm-up's first step also pays one-time costs)."""
     hp, d = trainer.hp, trainer.d
     if hp.max_wallclock_seconds <= 0:
         return None
     seconds, ratio = warmup_seconds or {}, 1.0
     if hp.num_loops:
-        ratio = seconds[True] / max(seconds[False], 1e-9) if len(seconds) == 2 else \
-            len(trainer.model.layer_sequence(True)) / hp.num_layers
-        ratio = max(1.0, float(all_reduce(torch.tensor([ratio], dtype=torch.float64, device=d.device), "max").item()))
+        ratio = seconds[True] / max(seconds[False], 1e-9) if len(seconds) == 2 else 1.0
+        ratio = max(len(trainer.model.layer_sequence(True)) / hp.num_layers,
+                    float(all_reduce(torch.tensor([ratio], dtype=torch.float64, device=d.device), "max").item()))
     probe, zero_init, zero_probe = trained_scale_copy(trainer.model, hp.seed)
     probe.looping = hp.num_loops > 0  # the export's Hessians run every pass
     scratch = Path(hp.output_dir) / f".export_probe_{os.getpid()}"

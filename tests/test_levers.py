@@ -129,6 +129,36 @@ def test_hessians_sum_every_pass(corpus):
     assert torch.allclose(H["blocks.1.mlp.c_fc"], ref, rtol=1e-4, atol=1e-6)
 
 
+def test_eval_lora_adapters_run_on_every_pass():
+    """The evaluation's LoRA adapters sit in a looped layer's slots: every pass applies them and trains them."""
+    hp = tiny_hp(num_loops=2, loop_start=2, loop_end=3, ttt_last_n=2)
+    model = randomized(hp)
+    ttt = tg.TestTimeTrainer(model, hp, tg.Dist())
+    calls = []
+    for lora in ttt.loras:
+        lora.register_forward_hook(lambda m, a, o: calls.append(m))
+    idx = torch.randint(0, hp.vocab_size, (2, 32))
+    base = model.hidden(idx)
+    assert len(calls) == 3 * len(ttt.loras)  # layers 2 and 3 run three times each
+    base.square().mean().backward()
+    assert all(float(lora.B.grad.abs().sum()) > 0 for lora in ttt.loras)
+    with torch.no_grad():
+        for lora in ttt.loras:
+            lora.B.normal_()
+    assert not torch.allclose(model.hidden(idx), base)
+
+
+def test_loop_ratio_without_warmup(monkeypatch):
+    """No warm-up to measure: the prediction scales by virtual / physical layers."""
+    hp = tiny_hp(num_loops=2, loop_start=1, loop_end=2, max_wallclock_seconds=40.0, export_reserve_seconds=4.0)
+    monkeypatch.setattr(tg, "export", lambda *a, **k: None)
+    trainer = tg.Trainer(hp, tg.Dist(), tg.GPT(hp), None, None, None, [])
+    plan = tg.plan_budget(trainer, lambda msg: None, {})
+    assert plan.loop_ratio == 8 / 4
+    assert plan.step_estimate(1.0, 5, 5) == 2.0 and plan.step_estimate(1.0, 6, 5) == 1.0
+    assert plan.step_estimate(1.0, 5, None) == 1.0
+
+
 def test_parallel_lanes_formula():
     hp = tiny_hp(parallel_start_layer=2)
     model = randomized(hp)
@@ -238,13 +268,14 @@ def test_step_based_activation_and_warmup_variants(corpus, sp):
     assert trainer.model.looping  # the exported network loops
 
 
-@pytest.mark.parametrize("scaled", [True, False])
-def test_budget_prediction_after_a_step_time_jump(corpus, sp, monkeypatch, scaled):
-    """Looped steps cost 4x (a fake clock). The loop starts late (90% of the budget): with the warm-up's ratio the
-    run ends inside the budget; predicting from the last plain step, as before, it runs past it."""
+@pytest.mark.parametrize("enable_at,scaled", [(0.3, True), (0.8, True), (0.8, False)])
+def test_budget_prediction_after_a_step_time_jump(corpus, sp, monkeypatch, enable_at, scaled):
+    """Looped steps cost 4x (a fake clock). With the warm-up's ratio the run ends inside the budget, whether the
+    loop starts early (looped steps run) or late (it stops instead of starting one); predicting from the last
+    plain step, as before, a late start runs past the budget."""
     hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"), num_loops=2, loop_start=1, loop_end=2,
-                 enable_looping_at=0.9, iterations=10_000, warmup_steps=2, max_wallclock_seconds=40.0,
-                 export_reserve_seconds=4.0, late_qat_frac=1.0, train_log_every=10_000)
+                 enable_looping_at=enable_at, iterations=10_000, warmup_steps=2, max_wallclock_seconds=24.0,
+                 export_reserve_seconds=2.0, late_qat_frac=1.0, train_log_every=10_000)
     clock = FakeClock()
     monkeypatch.setattr(tg, "time", clock)
     monkeypatch.setattr(tg, "export", lambda *a, **k: None)  # the probe: the reserve only (EXPORT_RESERVE_SECONDS)
@@ -256,7 +287,35 @@ def test_budget_prediction_after_a_step_time_jump(corpus, sp, monkeypatch, scale
     lines = []
     res = tg.train_model(trainer, val, tg.build_byte_luts(sp, hp.vocab_size), lines.append)
     plan_line = next(l for l in lines if l.startswith("budget_plan:"))
-    assert plan_line.endswith("loop_step_ratio:4.00")  # measured in the warm-up
+    assert plan_line.endswith("loop_step_ratio:4.00")  # measured in the warm-up (> 8 virtual / 4 layers)
     assert any(l.startswith("looping_started:") for l in lines), lines
+    looped = sum(1 for lp, _ in calls[2 * 8::8] if lp)
+    assert (looped > 0) is (enable_at < 0.5 or not scaled), (looped, lines)
     within = res.train_seconds + res.export_estimate <= hp.max_wallclock_seconds
     assert within is scaled, (res, lines)
+
+
+def test_compiled_variants_all_warmed_up(corpus, sp, monkeypatch):
+    """torch.compile (eager backend, counting graphs): the warm-up compiles the loop x QAT variants; the timed
+    run after it compiles nothing new, however the loop and QAT switch."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"), num_layers=2, xsa_last_n=1, ve_last_n=1,
+                 ttt_last_n=1, num_loops=1, loop_start=1, loop_end=1, enable_looping_at=0.3, late_qat_frac=0.6,
+                 iterations=4, warmup_steps=4)
+    torch.manual_seed(hp.seed)
+    model = tg.GPT(hp)
+    muon, adam, replicated = tg.build_optimizers(model, hp, tg.Dist())
+    counter = CompileCounter()
+    trainer = tg.Trainer(hp, tg.Dist(), model, torch.compile(model, backend=counter, dynamic=False), muon, adam,
+                         replicated)
+    after_warmup = []
+    warmup = tg.warmup_and_restore
+    monkeypatch.setattr(tg, "warmup_and_restore", lambda t, log: (warmup(t, log), after_warmup.append(
+        counter.frame_count))[0])
+    lines = []
+    tg.train_model(trainer, tg.load_validation_tokens(hp.data_path, hp.vocab_size),
+                   tg.build_byte_luts(sp, hp.vocab_size), lines.append)
+    assert any(l.startswith("looping_started: step:2 ") for l in lines)
+    assert after_warmup[0] >= 4 and counter.frame_count == after_warmup[0]
+    torch._dynamo.reset()
