@@ -100,8 +100,8 @@ class Hyperparameters:
     gated_attn: bool = True
     value_residual: bool = True
     unet_skips: bool = True
-    num_loops: int = 0                    # depth recurrence (PR #1204, #1493): extra passes over layers LOOP_START..
-    loop_start: int = 3                   # LOOP_END (inclusive), sharing their weights; 0 = off
+    num_loops: int = 0                    # depth recurrence (PR #1204, #1493): extra passes (0 = off) over the layers
+    loop_start: int = 3                   # LOOP_START..LOOP_END (inclusive), sharing their weights
     loop_end: int = 5
     enable_looping_at: float = 0.35       # fraction of the training budget after which the loop runs (PR #1420)
     parallel_start_layer: int = 0         # GPT-J-style parallel attention + MLP from this layer on (PR #1204); 0 = off
@@ -1366,7 +1366,7 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
             est = plan.step_estimate(shared[1], shared[2], step) if plan else 0.0
             log(f"looping_started: step:{step} train_time:{train_s:.1f}s progress:{progress:.3f} layers:"
                 f"{','.join(map(str, trainer.model.layer_sequence(True)))}" + (
-                    f" step_estimate:{shared[1]:.3f}s->{est:.3f}s (x{plan.loop_ratio:.2f}, warm-up) predicted_end:"
+                    f" step_estimate:{shared[1]:.3f}s->{est:.3f}s (x{plan.loop_ratio:.2f}) predicted_end:"
                     f"{plan.predicted_end(train_s, est):.1f}s limit:{plan.limit:g}s" if plan else ""))
         elif plan and loop_from is not None and shared[2] == loop_from + 1:  # the first looped step measured
             log(f"looping_measured: step:{step} looped_step:{shared[1]:.3f}s predicted_end:"
