@@ -62,7 +62,7 @@ FLOAT = r"([0-9.]+(?:e[-+]?\d+)?)"
 def embedded_env() -> dict:
     """The environment run.sh's embedded_settings() exports (the CPU shape), without running the job."""
     script = (f'source <(sed -n "/^embedded_settings() {{/,/^}}/p" "{ROOT / "run.sh"}"); '
-              'embedded_settings; env -0')
+              'vocab=1024 corpus=data/embedded/sp1024 embedded_settings; env -0')  # run.sh's variables at sp1024
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, check=True, cwd=ROOT).stdout
     env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
