@@ -83,6 +83,13 @@ class Hyperparameters:
     gated_attn: bool = True
     value_residual: bool = True
     unet_skips: bool = True
+    num_loops: int = 0                    # depth recurrence (PR #1204, #1493): extra passes (0 = off) over the layers
+    loop_start: int = 3                   # LOOP_START..LOOP_END (inclusive), sharing their weights
+    loop_end: int = 5
+    enable_looping_at: float = 0.35       # fraction of the training budget after which the loop runs (PR #1420)
+    parallel_start_layer: int = 0         # GPT-J-style parallel attention + MLP from this layer on (PR #1204); 0 = off
+    smear_gate_bos_fix: bool = False      # SmearGate mixes nothing into a BOS position (PR #1797)
+    attn_gate_inputs: int = 0             # 0: dense attention gate (all MODEL_DIM inputs); N: sparse, the first N (PR #1787)
     # --- training (README "Training") ---
     iterations: int = 20000               # step cap; the step count itself when MAX_WALLCLOCK_SECONDS=0
     train_seq_len: int = 2048
@@ -210,12 +217,12 @@ class Hyperparameters:
         for var, lo in at_least.items():  # NUM_LAYERS: encoder/decoder halves; NGRAM_EVAL_ORDER: a 1-token context
             need(getattr(self, var) >= lo, var.upper(), f"must be >= {lo}")
         for var in ("complement_alpha", "late_qat_frac", "swa_lr_threshold", "muon_momentum", "swa_weight",
-                    "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp"):
+                    "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "gptq_percdamp", "enable_looping_at"):
             need(getattr(self, var) <= 1, var.upper(), "must be in [0, 1]")
         need(self.ema_decay < 1, "EMA_DECAY", "must be in [0, 1)")
         for var in ("ve_last_n", "xsa_last_n", "ttt_last_n"):
             need(getattr(self, var) <= self.num_layers, var.upper(), "must be <= NUM_LAYERS")
-        for var in ("eval_budget_seconds", "ttt_temperature"):
+        for var in ("eval_budget_seconds", "ttt_temperature", "qk_gain_init"):
             need(getattr(self, var) > 0, var.upper(), "must be > 0")
         need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "must be in 2..65536 (uint16 shards)")
         need(self.model_dim % self.num_heads == 0, "NUM_HEADS", "must divide MODEL_DIM")
@@ -223,6 +230,12 @@ class Hyperparameters:
         need(self.head_dim % 2 == 0, "MODEL_DIM", "head dim (MODEL_DIM / NUM_HEADS) must be even")
         need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS", "must be even and <= head dim")
         need(self.mlp_hidden >= 1, "MLP_MULT", "MLP hidden width must be >= 1")
+        if self.num_loops:
+            need(self.loop_end < self.num_layers, "LOOP_END", "must be < NUM_LAYERS (the looped range is inclusive)")
+            need(self.loop_start <= self.loop_end, "LOOP_START", "must be <= LOOP_END")
+        need(self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER", "must be < NUM_LAYERS (0 = off)")
+        need(self.attn_gate_inputs <= self.model_dim, "ATTN_GATE_INPUTS", "must be <= MODEL_DIM (0 = dense gate)")
+        need(self.gated_attn or not self.attn_gate_inputs, "ATTN_GATE_INPUTS", "needs GATED_ATTN=1 (0 without a gate)")
         need(self.logit_softcap > 0, "LOGIT_SOFTCAP", "must be > 0 (logits are softcap * tanh(z / softcap))")
         need(8 * self.train_seq_len <= self.train_batch_tokens, "TRAIN_SEQ_LEN",
              f"must be <= TRAIN_BATCH_TOKENS / 8 = {self.train_batch_tokens // 8} (one sequence per micro-batch and rank)")
@@ -284,7 +297,8 @@ EVAL_FIELDS = ("seed", "eval_mode", "doc_chunk_tokens", "phased_ttt_num_phases",
 # What the artifact must record to rebuild the network.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "logit_softcap", "bigram_vocab_size", "bigram_dim", "ve_dim", "ve_last_n",
-                "xsa_last_n", "smear_gate", "gated_attn", "value_residual", "unet_skips")
+                "xsa_last_n", "smear_gate", "gated_attn", "value_residual", "unet_skips", "num_loops", "loop_start",
+                "loop_end", "parallel_start_layer", "smear_gate_bos_fix", "attn_gate_inputs")
 
 
 # ==================== Distributed and logging helpers ================================================
@@ -671,8 +685,10 @@ class CausalSelfAttention(nn.Module):
         self.c_q, self.c_k, self.c_v, self.c_proj = MatrixSlot(), MatrixSlot(), MatrixSlot(), MatrixSlot()
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))  # the contest's baseline
-        # Gated attention (arXiv:2505.06708, PR #413): per-head sigmoid gate, weight 0 and bias 4 (PR #850) at init
-        self.gate = nn.Linear(hp.model_dim, hp.num_heads) if hp.gated_attn else None
+        # Gated attention (arXiv:2505.06708, PR #413): per-head sigmoid gate, weight 0 and bias 4 (PR #850) at init;
+        # sparse: it reads only the first ATTN_GATE_INPUTS channels (PR #1787, modded-nanogpt PR #117)
+        self.gate_inputs = hp.attn_gate_inputs if hp.attn_gate_inputs < hp.model_dim else 0
+        self.gate = nn.Linear(self.gate_inputs or hp.model_dim, hp.num_heads) if hp.gated_attn else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, ATTN_GATE_BIAS)
@@ -703,7 +719,8 @@ class CausalSelfAttention(nn.Module):
             vn = F.normalize(v, dim=-1).unsqueeze(3)  # (B, T, Hkv, 1, D)
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).flatten(2, 3)
         if self.gate is not None:
-            y = y * torch.sigmoid(self.gate(x).float()).to(y.dtype)[..., None]  # gate (B, T, H)
+            g = self.gate(x[..., :self.gate_inputs] if self.gate_inputs else x)
+            y = y * torch.sigmoid(g.float()).to(y.dtype)[..., None]  # gate (B, T, H)
         return self.c_proj(y.reshape(B, T, -1), Wo), v0
 
 class MLP(nn.Module):
@@ -723,11 +740,16 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(D), torch.zeros(D)]))  # x vs x0
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(D)), nn.Parameter(torch.ones(D))
         self.ln_scale = 1.0 / math.sqrt(layer + 1)  # LN scale (PR #315): deeper blocks see damped inputs
+        self.parallel = 0 < hp.parallel_start_layer <= layer  # attention and MLP read the same input (GPT-J)
 
     def forward(self, x, x0, W, v0, ve):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        h, v0 = self.attn(rms_norm(x) * self.ln_scale, W["q"], W["k"], W["v"], W["o"], v0, ve)
+        xn = rms_norm(x) * self.ln_scale
+        h, v0 = self.attn(xn, W["q"], W["k"], W["v"], W["o"], v0, ve)
+        if self.parallel:
+            h_mlp = self.mlp(xn, W["up"], W["down"])
+            return x + self.attn_scale.to(x.dtype) * h + self.mlp_scale.to(x.dtype) * h_mlp, v0
         x = x + self.attn_scale.to(x.dtype) * h
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, W["up"], W["down"])
         return x, v0
@@ -765,15 +787,18 @@ class BigramHash(ProjectedEmbedding):
         return self.scale * super().forward(self.bucket(idx))
 
 class SmearGate(nn.Module):
-    """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g; position 0 mixes with 0."""
+    """x_t <- (1 - g) * x_t + g * x_{t-1} with a learned per-channel gate g; position 0 mixes with 0, and so
+    does a BOS position with `bos_fix` (nothing of the previous document reaches the next one's start)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, bos_fix: bool = False):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.gate, self.bos_fix = nn.Parameter(torch.zeros(dim)), bos_fix
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         g = torch.sigmoid(self.gate.float()).to(x.dtype)
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if self.bos_fix:
+            prev = prev.masked_fill((idx == BOS_ID)[..., None], 0)
         return (1 - g) * x + g * prev
 
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
@@ -788,7 +813,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(V, D)  # tied embeddings, std 0.005, zero-init outputs: the contest's baseline
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, D) if hp.bigram_vocab_size else None
-        self.smear = SmearGate(D) if hp.smear_gate else None  # SmearGate: PR #65
+        self.smear = SmearGate(D, hp.smear_gate_bos_fix) if hp.smear_gate else None  # SmearGate: PR #65
         self.ve = ProjectedEmbedding(V, hp.ve_dim, hp.kv_dim) if hp.ve_last_n else None  # shared by the last layers
         if hp.embed_proj_init == "orthogonal":  # PR #850's _iw: a BigramHash that starts at 0 with trainable projections
             with torch.no_grad():
@@ -797,7 +822,8 @@ class GPT(nn.Module):
                 if self.bigram is not None:
                     self.bigram.embed.weight.zero_()
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
-        self.num_skips = hp.num_encoder_layers if hp.unet_skips else 0  # each encoder output has a decoder layer
+        self.looping = hp.num_loops > 0  # the trained network loops; training turns it on at ENABLE_LOOPING_AT
+        self.num_skips = len(self.layer_sequence(True)) // 2 if hp.unet_skips else 0  # one per encoder output
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, D)) if self.num_skips else None
         # Banks: rows [0, L) are q / k / up / down of layer i; rows [L, 2L) are out / v of layer i - L.
         self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
@@ -809,6 +835,15 @@ class GPT(nn.Module):
                 for W in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
                     nn.init.orthogonal_(W)  # orthogonal init: PR #65 / PR #135 line of records
                 self.qo_bank[L + i].zero_()  # output projections start at zero
+
+    def layer_sequence(self, looping: bool) -> list:
+        """The virtual layers: with the loop, LOOP_START..LOOP_END run NUM_LOOPS more times (11 layers, 3-5 twice:
+        0-5,3-5,3-5,6-10); the first half of the sequence is the U-Net encoder, the rest the decoder (PR #1493)."""
+        hp, layers = self.hp, list(range(self.hp.num_layers))
+        if not (looping and hp.num_loops):
+            return layers
+        a, b = hp.loop_start, hp.loop_end + 1
+        return layers[:b] + layers[a:b] * hp.num_loops + layers[b:]
 
     def layer_weights(self, banks: dict, i: int) -> dict:
         L = self.hp.num_layers
@@ -824,15 +859,16 @@ class GPT(nn.Module):
         dev = idx.device.type  # under autocast the residual stream is bf16 too: it halves the memory-bound half of
         # the step (83.6 -> 77.6 ms, H200); weights, optimizer state, norms' reductions and the loss stay fp32
         x = x.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
-        x = rms_norm(x) if self.smear is None else self.smear(rms_norm(x))
+        x = rms_norm(x) if self.smear is None else self.smear(rms_norm(x), idx)
         x0, v0, skips = x, None, []
         ve = self.ve(idx) if self.ve is not None else None
-        n_enc = self.hp.num_encoder_layers
-        for i, block in enumerate(self.blocks):
-            if n_enc <= i < n_enc + self.num_skips:  # U-Net skips (baseline train_gpt.py, from modded-nanogpt)
-                x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
-            x, v0 = block(x, x0, self.layer_weights(banks, i), v0, ve)
-            if i < n_enc:
+        sequence = self.layer_sequence(self.looping)  # a shared layer's bank rows get the gradients of every pass
+        n_enc = len(sequence) // 2
+        for j, i in enumerate(sequence):
+            if j >= n_enc and skips:  # U-Net skips (baseline train_gpt.py, from modded-nanogpt)
+                x = x + self.skip_weights[j - n_enc].to(x.dtype) * skips.pop()
+            x, v0 = self.blocks[i](x, x0, self.layer_weights(banks, i), v0, ve)
+            if j < n_enc and self.num_skips:
                 skips.append(x)
         return rms_norm(x)
 
@@ -1155,23 +1191,30 @@ class TrainResult:
     export_estimate: float = 0.0  # what the stop rule reserved for calibration + export (0: step-based run)
     interrupted: int = 0          # the signal that stopped training (0: none)
 
-def warmup_and_restore(trainer: Trainer, log: RunLog) -> None:
-    """Warm-up undone before the clock (the contest's baseline): compile every variant (plain and late-QAT),
-    then restore weights and optimizer state; the caller starts a fresh loader and fresh bigram counts."""
-    hp = trainer.hp
-    if hp.warmup_steps == 0:
-        return
-    snap = trainer.snapshot()
+def warmup_and_restore(trainer: Trainer, log: RunLog) -> dict:
+    """Warm-up undone before the clock (the contest's baseline): compile every variant (plain and late-QAT, each
+    without and with the loop), then restore weights and optimizer state; the caller starts a fresh loader and
+    fresh bigram counts. Returns {looping: seconds of its last warm-up step} (the loop's cost, for BudgetPlan)."""
+    hp, W = trainer.hp, trainer.hp.warmup_steps
+    if W == 0:
+        return {}
+    variants = [(loop, qat) for loop in ((False, True) if hp.num_loops else (False,))
+                for qat in ((False, True) if hp.late_qat_frac < 1 else (False,))]
+    snap, seconds = trainer.snapshot(), {}
     loader = DistributedTokenLoader(hp.data_path, trainer.d, hp.vocab_size)
     counter = BigramCounter(hp.vocab_size, hp.complement_alpha, trainer.d.device) if hp.complement_alpha > 0 else None
     t0 = time.perf_counter()
-    for i in range(hp.warmup_steps):
-        qat = hp.late_qat_frac < 1 and i >= hp.warmup_steps // 2
+    for i in range(W):
+        loop, qat = variants[max(k for k in range(len(variants)) if i >= k * W // len(variants))]
+        trainer.model.looping, t = loop, time.perf_counter()
         trainer.step(loader, counter, 1.0, hp.muon_momentum_warmup_start, qat)
-    sync(trainer.d)
+        sync(trainer.d)
+        seconds[loop] = time.perf_counter() - t
     trainer.restore(snap)
-    log(f"warmup_steps:{hp.warmup_steps} warmup_time:{time.perf_counter() - t0:.1f}s "
+    trainer.model.looping = False
+    log(f"warmup_steps:{W} warmup_time:{time.perf_counter() - t0:.1f}s variants(loop,qat):{variants} "
         f"restored:weights,optimizer_state,loader,bigram_counts")
+    return seconds
 
 class SharedClock:
     """Training time agreed by every rank without a host sync per step: each step posts this rank's clock into
@@ -1209,9 +1252,15 @@ class BudgetPlan:
     limit: float              # MAX_WALLCLOCK_SECONDS
     export_estimate: float    # seconds for calibration + quantization + writing, with safety factor and floor
     lag_steps: int = 1        # SharedClock's delay: one more step has run than the shared clock shows
+    loop_ratio: float = 1.0   # a looped step's seconds / a plain one's (warm-up), until a looped step is measured
 
     def predicted_end(self, elapsed: float, step_seconds: float) -> float:
         return elapsed + (self.lag_steps + 1) * step_seconds + self.export_estimate
+
+    def step_estimate(self, last_step: float, steps_measured: float, loop_from: int | None) -> float:
+        """The coming steps' seconds: the last measured step's, scaled by `loop_ratio` once the loop runs
+        (from step `loop_from` on) while the shared clock has not yet measured a looped step."""
+        return last_step * (self.loop_ratio if loop_from is not None and steps_measured <= loop_from else 1.0)
 
     def train_share(self) -> float:
         """The training seconds the schedule (WSD, QAT start) is laid out over."""
@@ -1232,13 +1281,21 @@ def trained_scale_copy(model: GPT, seed: int) -> tuple:
             W.copy_(torch.randn(W.shape, generator=gen) / math.sqrt(W.size(-1)))
     return probe, zero(model), zero(probe)
 
-def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
+def plan_budget(trainer: Trainer, log: RunLog, warmup_seconds: dict | None = None) -> BudgetPlan | None:
     """Measure calibration + export before the clock, on weights at trained scale (`trained_scale_copy`), into a
-    scratch folder: the same code the run ends with, at this model size and world size."""
+    scratch folder: the same code the run ends with, at this model size and world size. The loop's step-time
+    ratio: the larger of virtual / physical layers (the blocks' share of a step grows by that) and the ratio of
+    the warm-up's last looped and plain steps (a short warm-up's first step also pays one-time costs)."""
     hp, d = trainer.hp, trainer.d
     if hp.max_wallclock_seconds <= 0:
         return None
+    seconds, ratio = warmup_seconds or {}, 1.0
+    if hp.num_loops:
+        ratio = seconds[True] / max(seconds[False], 1e-9) if len(seconds) == 2 else 1.0
+        ratio = max(len(trainer.model.layer_sequence(True)) / hp.num_layers,
+                    float(all_reduce(torch.tensor([ratio], dtype=torch.float64, device=d.device), "max").item()))
     probe, zero_init, zero_probe = trained_scale_copy(trainer.model, hp.seed)
+    probe.looping = hp.num_loops > 0  # the export's Hessians run every pass
     scratch = Path(hp.output_dir) / f".export_probe_{os.getpid()}"
     if d.is_main:  # only rank 0 writes (the checkpoint and the artifact)
         scratch.mkdir(exist_ok=True)
@@ -1255,11 +1312,12 @@ def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
                 p.unlink()
             scratch.rmdir()
     del probe
-    plan = BudgetPlan(hp.max_wallclock_seconds, max(hp.export_reserve_seconds, EXPORT_SAFETY * measured))
+    plan = BudgetPlan(hp.max_wallclock_seconds, max(hp.export_reserve_seconds, EXPORT_SAFETY * measured), loop_ratio=ratio)
     log(f"budget_plan: export_probe:{measured:.1f}s probe_zero_frac:{zero_probe:.3f} (initial weights "
         f"{zero_init:.3f}) export_estimate:{plan.export_estimate:.1f}s "
         f"(max of EXPORT_RESERVE_SECONDS={hp.export_reserve_seconds:g} and {EXPORT_SAFETY} x probe) "
-        f"train_share:{plan.train_share():.1f}s limit:{hp.max_wallclock_seconds:g}s")
+        f"train_share:{plan.train_share():.1f}s limit:{hp.max_wallclock_seconds:g}s"
+        + (f" loop_step_ratio:{ratio:.2f}" if hp.num_loops else ""))
     if plan.train_share() < 0.05 * hp.max_wallclock_seconds:
         raise GolfError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g} leaves no time to train: export is "
                         f"estimated at {plan.export_estimate:.1f}s (raise the budget or shrink the model)")
@@ -1267,8 +1325,7 @@ def plan_budget(trainer: Trainer, log: RunLog) -> BudgetPlan | None:
 
 def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log: RunLog) -> TrainResult:
     hp, d = trainer.hp, trainer.d
-    warmup_and_restore(trainer, log)
-    plan = plan_budget(trainer, log)
+    plan = plan_budget(trainer, log, warmup_and_restore(trainer, log))
     start = time.perf_counter()  # the clock starts here, before the loader reads its first shard
     loader = DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
     counter = BigramCounter(hp.vocab_size, hp.complement_alpha, d.device) if hp.complement_alpha > 0 else None
@@ -1277,11 +1334,23 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     step, loss, val_s, last_log = 0, torch.zeros((), device=d.device), 0.0, -1.0
     shared = [0.0, 0.0, 0.0, 0.0]  # [training seconds, last step's seconds, steps, stop signal] agreed by all ranks,
     # a step late
-    stop_reason, t_prev = "iterations", start
+    stop_reason, t_prev, loop_from = "iterations", start, None  # loop_from: the steps run before the loop
+    trainer.model.looping = False
     while step < hp.iterations:
         train_s = shared[0]
         progress = train_s / plan.train_share() if plan else step / hp.iterations
-        if plan and plan.predicted_end(train_s, shared[1]) > plan.limit:
+        if hp.num_loops and loop_from is None and progress >= hp.enable_looping_at:
+            loop_from, trainer.model.looping = step, True
+            est = plan.step_estimate(shared[1], shared[2], step) if plan else 0.0
+            log(f"looping_started: step:{step} train_time:{train_s:.1f}s progress:{progress:.3f} layers:"
+                f"{','.join(map(str, trainer.model.layer_sequence(True)))}" + (
+                    f" step_estimate:{shared[1]:.3f}s->{est:.3f}s (x{plan.loop_ratio:.2f}) predicted_end:"
+                    f"{plan.predicted_end(train_s, est):.1f}s limit:{plan.limit:g}s" if plan else ""))
+        elif plan and loop_from is not None and shared[2] == loop_from + 1:  # the first looped step measured
+            log(f"looping_measured: step:{step} looped_step:{shared[1]:.3f}s predicted_end:"
+                f"{plan.predicted_end(train_s, shared[1]):.1f}s limit:{plan.limit:g}s")
+        step_s = plan.step_estimate(shared[1], shared[2], loop_from) if plan else 0.0
+        if plan and plan.predicted_end(train_s, step_s) > plan.limit:
             stop_reason = "predicted_budget"
             break
         if shared[3]:
@@ -1311,6 +1380,10 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     if hi != -neg_lo:  # every rank must take the same break (the shared clock), or the collectives below hang
         raise GolfError(f"ranks stopped at different steps ({-neg_lo:.0f} to {hi:.0f}): the shared clock disagreed")
     log(f"stop: {stop_reason} at step {step} on every rank (world_size {d.world_size})")
+    trainer.model.looping = hp.num_loops > 0  # the network as the artifact records it
+    if hp.num_loops and loop_from is None:
+        log(f"looping_never_started: training stopped at progress {progress:.3f} < ENABLE_LOOPING_AT="
+            f"{hp.enable_looping_at:g}; the exported network loops all the same")
     if shared[3]:
         log(f"training_stopped: {stop_reason} at step {step}: finishing the weights, checkpoint and artifact")
     log(f"weight_averaging: {averager.apply_final()}")
@@ -1319,6 +1392,7 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     if plan:
         log(f"budget_prediction: stop:{stop_reason} step:{step}/{hp.iterations} train_time:{train_s:.1f}s "
             f"step_estimate:{shared[1]:.2f}s export_estimate:{plan.export_estimate:.1f}s "
+            + (f"loop_from_step:{loop_from} " if hp.num_loops else "") +
             f"predicted_total:{train_s + plan.export_estimate:.1f}s limit:{plan.limit:g}s")
     return TrainResult(step, train_s, plan.export_estimate if plan else 0.0, int(shared[3]))
 
@@ -1534,7 +1608,8 @@ def model_from_artifact(path: Path, hp: Hyperparameters, d: Dist, log: RunLog | 
 def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
     """H = mean x^T x of every block matrix's input over GPTQ_N_SAMPLES training sequences, identical on
     all ranks (each rank takes a share, then one all-reduce). q/k/v share one input, so one H. The tied
-    embedding is quantized as the output head it also is: its H is that of the final hidden states (PR #1394)."""
+    embedding is quantized as the output head it also is: its H is that of the final hidden states (PR #1394).
+    A looped layer's hooks fire on every pass: its H sums them (the error counts once per pass)."""
     sources = {f"blocks.{i}.{key}": block.get_submodule(key) for i, block in enumerate(model.blocks)
                for key in ("attn.c_q", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     C = {name: W.size(1) for name, W in block_matrices(model).items()}

@@ -56,6 +56,10 @@ PARTS = {
 CONFIGS = {"all_on": {}, "all_off": {k: v for part in PARTS.values() for k, v in part.items()},
            **{f"no_{name}": switches for name, switches in PARTS.items()},
            "vocab_8192": {"VOCAB_SIZE": "8192"}}  # its own corpus (data/embedded/sp8192), tokenizer and cap
+# Issue 21's levers at run.sh's 6-layer shape (the records' 11-layer choices: loop 3-5 from 35%, lanes from 7)
+LOOPS = {"NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2", "ENABLE_LOOPING_AT": "0.35"}
+CONFIGS.update(loops=LOOPS, parallel={"PARALLEL_START_LAYER": "4"}, levers_all={
+    **LOOPS, "PARALLEL_START_LAYER": "4", "QK_GAIN_INIT": "5", "SMEAR_GATE_BOS_FIX": "1", "ATTN_GATE_INPUTS": "12"})
 FLOAT = r"([0-9.]+(?:e[-+]?\d+)?)"
 
 
