@@ -175,7 +175,7 @@ def test_settings_error_reaches_the_run_log(corpus_env, tmp_path):
 @pytest.fixture(scope="module")
 def trained(corpus_env, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
-    r = run_script({**corpus_env, "ITERATIONS": "4", "TTT_LR": "0.01", "SEED": "7"}, out)
+    r = run_script({**corpus_env, "ITERATIONS": "4", "TTT_ENABLED": "1", "TTT_LR": "0.01", "SEED": "7"}, out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
