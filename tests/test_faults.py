@@ -172,10 +172,13 @@ def test_settings_error_reaches_the_run_log(corpus_env, tmp_path):
 # EVAL_ONLY: the artifact's own settings; a summary that says only what was checked
 # -----------------------------------------------------------------------------------------------------
 
+TRAINED = {"ITERATIONS": "4", "TTT_ENABLED": "1", "TTT_LR": "0.01", "SEED": "7"}  # TTT on: its settings matter
+
+
 @pytest.fixture(scope="module")
 def trained(corpus_env, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
-    r = run_script({**corpus_env, "ITERATIONS": "4", "TTT_ENABLED": "1", "TTT_LR": "0.01", "SEED": "7"}, out)
+    r = run_script({**corpus_env, **TRAINED}, out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -218,7 +221,7 @@ def test_packed_script_runs_bit_identically_and_counts_its_own_bytes(trained, co
     source = (ROOT / "train_gpt.py").read_bytes()
     assert tg.unpack_source(packed.read_bytes()) == source and packed.stat().st_size < len(source) / 2
     out = tmp_path / "run"
-    p = start({**corpus_env, "ITERATIONS": "4", "TTT_LR": "0.01", "SEED": "7"}, out, script=packed)
+    p = start({**corpus_env, **TRAINED}, out, script=packed)
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     assert exact_numbers(out) == exact_numbers(trained)

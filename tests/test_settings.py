@@ -198,7 +198,8 @@ def test_static_check_detects_a_dead_setting():
 # Environment variables that are not settings of train_gpt.py but legitimately appear in commands.
 NON_SETTINGS = {"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NPROC", "NPROC_PER_NODE",
                 "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH", "PATH",
-                "PYTHON", "HF_HOME", "HF_TOKEN", "TORCHINDUCTOR_CACHE_DIR", "NCCL_DEBUG"}
+                "PYTHON", "HF_HOME", "HF_TOKEN", "TORCHINDUCTOR_CACHE_DIR", "NCCL_DEBUG",
+                "MATCHED_FINEWEB_REPO_ID"}  # the contest downloader's, in README "Data"
 ASSIGN = re.compile(r"(?<![\w$-])([A-Z][A-Z0-9_]+)=")
 
 

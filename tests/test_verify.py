@@ -18,12 +18,12 @@ import train_gpt as tg  # noqa: E402
 
 VAL_TOKENS = 4096  # the tiny run's whole validation split: 4 chunks of 1024 targets
 SEEDS = (1, 2, 3)
-LATE = "c > (n_chunks - 1) // 2"  # after the middle chunk: chunks 2 and 3 of 4
+LATE = "c > (n_steps - 1) // 2"  # after the middle step: steps 2 and 3 of 4
 
 # Broken copies: name -> (the row that must FAIL, [(old, new)] text substitutions on train_gpt.py). Each old text
 # must occur exactly once (asserted in broken_copy: a refactor that moves it fails loudly). The patterns are single
 # statements of evaluate(); each replacement is a single line, so re-indenting the code around them does not matter.
-SCORE = "sc = score_windows(model, hidden_fn, tokens, mine, hp, mixer.temperature, d, audit_pos)"
+SCORE = "sc = score_windows(model, hidden_fn, tokens, mine, hp, temperature, d, audit_pos)"
 MIX = "mixed, alpha = mixer.mix(sc.logp, sc.entropy, *stats)"
 AUDIT = "errs, p_audit, beta_audit = ngram_audit(cache, mixer, tokens, sc, mixed)"
 BROKEN = {
@@ -36,7 +36,7 @@ BROKEN = {
     # the issue's second cheat: each late chunk's temperature (x0.9, x1, x1.15 of the learned one) chosen by the
     # chunk's own target NLL
     "temperature_by_chunk_nll_late": ("C1 causal", [
-        (SCORE, "sc = min([score_windows(model, hidden_fn, tokens, mine, hp, f * mixer.temperature, d, audit_pos) for f in "
+        (SCORE, "sc = min([score_windows(model, hidden_fn, tokens, mine, hp, f * temperature, d, audit_pos) for f in "
                 f"((0.9, 1.0, 1.15) if {LATE} else (1.0,))], key=lambda s: float(-s.logp.sum()))")]),
     # C1/C3: the chunk's own targets go into the n-gram cache before its statistics are read (and not after)
     "cache_before_score": ("C1 causal", [
@@ -109,6 +109,7 @@ def test_verify_catches_a_broken_script(tiny_run, capsys, tmp_path, name, seed):
     code, rows, text = run_verify(tiny_run, capsys, "--script", str(broken_copy(tmp_path, name)), "--seed", str(seed),
                                   "--probes", str(PROBES.get(name, 1)))
     assert code == 1
+    assert " run failed (exit" not in text, text  # the copy ran (a cheat that crashes would fail vacuously)
     assert rows[condition][0] == "FAIL", text
     assert rows["log source"][0] == "FAIL" and rows["code hash"][0] == "FAIL"  # not the script that made the artifact
 
@@ -160,3 +161,20 @@ def test_ngram_rows_against_a_reference():
                 k = beta[i, j] * np.count_nonzero(c)
                 p = (c + k * p) / (len(follow) + k)
         assert np.allclose(ours[i], p, rtol=1e-12, atol=0) and abs(ours[i].sum() - 1) < 1e-12
+
+
+def test_verify_catches_a_doc_mode_phase_on_unscored_documents(tiny_run, capsys, tmp_path):
+    """EVAL_MODE=doc with one phase of global SGD: the broken copy's phase trains on the whole text, documents not
+    yet scored included (tests/_doc_cheats.py); a probe after the phase changes later tokens, so the scores
+    between the phase and q move: C1 fails."""
+    from _doc_cheats import cheat_source
+    path = tmp_path / "train_gpt.py"
+    path.write_text(cheat_source("doc_phase_trains_on_unscored"), encoding="utf-8")
+    out = tiny_run["out"]
+    env = {**tiny_run["env"], "EVAL_MODE": "doc", "EVAL_BATCH_SEQS": "4", "PHASED_TTT_NUM_PHASES": "1",
+           "PHASED_TTT_PREFIX_DOCS": "2", "PHASED_TTT_LR": "0.05"}
+    code = verify.main([str(out / "final_model.gptq.xz"), "--log", str(out / "logs" / "test.txt"), "--script",
+                        str(path), "--seed", "1", "--probes", "2"], environ=env)
+    text = capsys.readouterr().out
+    rows = {m[0].strip(): m[1] for m in re.findall(r"^(\w[\w -]*?)\s+(PASS|FAIL|SKIP)  (.*)$", text, re.M)}
+    assert code == 1 and rows["C1 causal"] == "FAIL" and " run failed (exit" not in text, text

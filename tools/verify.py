@@ -165,17 +165,23 @@ def eval_run(script: Path, env: dict, artifact: Path, tokens: np.ndarray, audit:
 # ------------------------------------------------------------------------------------------------
 
 class Chunks:
-    """Which targets each chunk holds (sliding windows of EVAL_SEQ_LEN by EVAL_STRIDE over targets 1..N-1, a
-    window in chunk (end - 1) // TTT_CHUNK_TOKENS), recomputed here from the settings."""
+    """Which targets each step of the pass holds, recomputed here from the settings: sliding windows of EVAL_SEQ_LEN
+    by EVAL_STRIDE over targets 1..N-1, a window in step (end - 1) // TTT_CHUNK_TOKENS; in EVAL_MODE=doc the
+    documents (from position 0 and each BOS in 1..N-2, a document's targets up to the next one's BOS) whose start
+    lies in one TTT_CHUNK_TOKENS range of positions. The n-gram cache of a step holds the targets of earlier steps."""
 
-    def __init__(self, n_tokens: int, plan: dict):
-        last = n_tokens - 1
-        first_end = min(plan["eval_seq_len"], last)
-        self.ends = np.r_[np.arange(first_end, last, plan["eval_stride"]), last].astype(np.int64)
-        chunk = (self.ends - 1) // plan["ttt_chunk_tokens"]
-        starts = np.r_[1, self.ends[:-1] + 1]
-        new = np.r_[True, chunk[1:] != chunk[:-1]]
-        self.first = starts[new]            # first target of each chunk
+    def __init__(self, n_tokens: int, plan: dict, tokens: np.ndarray | None = None, bos: int = -1):
+        last, C = n_tokens - 1, plan["ttt_chunk_tokens"]
+        if tokens is not None:  # doc mode
+            starts = np.r_[0, np.flatnonzero(tokens[1:last] == bos) + 1].astype(np.int64)
+            key = starts // C
+            self.first = starts[np.r_[True, key[1:] != key[:-1]]] + 1
+        else:
+            first_end = min(plan["eval_seq_len"], last)
+            self.ends = np.r_[np.arange(first_end, last, plan["eval_stride"]), last].astype(np.int64)
+            chunk = (self.ends - 1) // C
+            starts = np.r_[1, self.ends[:-1] + 1]
+            self.first = starts[np.r_[True, chunk[1:] != chunk[:-1]]]  # first target of each step
         self.last = np.r_[self.first[1:] - 1, last]
 
     def of(self, t: int) -> int:
@@ -511,8 +517,8 @@ def verify(args, environ) -> tuple:
     rows = [("size", *check_size(artifact, script, plan["artifact_size_cap"])),
             ("code bytes", *check_code_bytes(log_path, script, form)), ("code hash", *check_code_hash(header, source)),
             ("tokenizer", *check_tokenizer(header, plan["tokenizer_path"])), ("log source", *check_log_source(log_path, source))]
-    chunks = Chunks(n, plan)
     doc = str(env.get("EVAL_MODE", header.get("eval_settings", {}).get("eval_mode", ""))).lower() == "doc"
+    chunks = Chunks(n, plan, tokens if doc else None, bos)
     probes = draw_probes(rng, tokens, args.probes, chunks, V, bos, doc,
                          tokenizer_bytes(plan["tokenizer_path"], np.r_[0, np.arange(V)])[:V] > 0)
     qs = {p["q"] for p in probes}
