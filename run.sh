@@ -45,7 +45,7 @@ embedded_settings() {
     # The small-but-complete configuration for a CPU (every component on). 6x128, 16,384-token steps of
     # 2.7 s on one thread (logs/run_20261126_023252.txt, idle machine): the ~320 s of training read 1.9M
     # tokens, 0.55 epochs of the ~3.4M-token train split (fewer with a busy core: the budget is wall
-    # clock), so the run measures learning, not memorization. About 7 minutes in all.
+    # clock), so the run measures learning, not memorization: the 330 s budget, then the evaluation.
     export DATA_PATH="$corpus/datasets/fineweb10B_sp$vocab" TOKENIZER_PATH="$corpus/tokenizers/fineweb_${vocab}_bpe.model"
     export DATA_LABEL="${DATA_LABEL:-embedded_docstring_corpus}"
     export NUM_LAYERS="${NUM_LAYERS:-6}" MODEL_DIM="${MODEL_DIM:-128}" NUM_HEADS="${NUM_HEADS:-4}"
