@@ -74,6 +74,7 @@ class Hyperparameters:
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
     embed_proj_init: str = "zero"         # zero | orthogonal (PR #850: BigramHash table 0, both projections orth/sqrt(2L))
+    embed_proj_muon: bool = False         # BigramHash / VE projections in Muon at MATRIX_LR_ENCODER (PR #850), not AdamW
     bigram_vocab_size: int = 4096
     bigram_dim: int = 128
     ve_dim: int = 128
@@ -803,6 +804,7 @@ class SmearGate(nn.Module):
 
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "ve.embed.weight")  # AdamW at EMBED_LR; int8 rows
+PROJ_NAMES = ("bigram.proj.weight", "ve.proj.weight")
 TIED_EMBED = "tok_emb"  # the tied embedding: GPTQ at EMBED_BITS with the output head's Hessian, a width like a block's
 
 class GPT(nn.Module):
@@ -933,6 +935,9 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e
         X = a * X + (b * A + c * A @ A) @ X
     return X if wide else X.mT
 
+def as_bank(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.unsqueeze(0)  # a 2-D matrix (EMBED_PROJ_MUON) is a bank of one, owned by rank 0
+
 # Parameter banks + Parallel Muon: PR #399 (used by the merged record PR #549); decoupled WD: PR #65/#162 line
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over 3-D banks (N, R, C), each rank owning ceil(N / world) whole matrices; `lrs` (N,) per matrix. Use:
@@ -944,6 +949,7 @@ class ParallelMuon(torch.optim.Optimizer):
         self.d, self._pending = d, []
 
     def _shard(self, p: torch.Tensor) -> tuple:
+        p = as_bank(p)
         per_rank = -(-p.size(0) // self.d.world_size)
         lo = min(self.d.rank * per_rank, p.size(0))
         return per_rank, lo, min(lo + per_rank, p.size(0))
@@ -953,12 +959,12 @@ class ParallelMuon(torch.optim.Optimizer):
         """Average each bank's gradient onto its owners in bf16 (Newton-Schulz runs in bf16 anyway), rows padded."""
         self._pending = []
         for group in self.param_groups:
-            p = group["params"][0]
+            p, grad = as_bank(group["params"][0]), as_bank(group["params"][0].grad)
             per_rank, _, _ = self._shard(p)
             if self.d.world_size == 1:
-                self._pending.append((p.grad, None))
+                self._pending.append((grad, None))
                 continue
-            flat = F.pad(p.grad.bfloat16(), (0, 0, 0, 0, 0, per_rank * self.d.world_size - p.size(0)))
+            flat = F.pad(grad.bfloat16(), (0, 0, 0, 0, 0, per_rank * self.d.world_size - p.size(0)))
             out = torch.empty((per_rank,) + p.shape[1:], device=p.device, dtype=torch.bfloat16)
             self._pending.append((out, _reduce_scatter(out, flat, op=dist.ReduceOp.AVG, async_op=True)))
 
@@ -982,9 +988,9 @@ class ParallelMuon(torch.optim.Optimizer):
         """Owners orthogonalize their shards; the bf16 updates, all-gathered while the next bank runs, go everywhere."""
         updates = []
         for group, g in zip(self.param_groups, grads):
-            p = group["params"][0]
+            p = as_bank(group["params"][0])
             per_rank, lo, hi = self._shard(p)
-            state = self.state[p]
+            state = self.state[group["params"][0]]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p[lo:hi])
             buf, mu = state["momentum_buffer"], group["momentum"]
@@ -1004,13 +1010,16 @@ class ParallelMuon(torch.optim.Optimizer):
             p[lo:hi].mul_(1 - lr * group["weight_decay"]).sub_(lr * update)  # decoupled weight decay
 
 def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
-    """ParallelMuon for the banks; AdamW for embeddings (EMBED_LR) and the rest (SCALAR_LR): (muon, adam, params)."""
+    """ParallelMuon for the banks (+ the projections); AdamW for embeddings (EMBED_LR) and the rest (SCALAR_LR): (muon, adam, params)."""
     L, n_enc = hp.num_layers, hp.num_encoder_layers
     layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])  # PR #850
     banks = [getattr(model, name) for name in BANKS]
     lrs = [layer_lr.repeat(2), layer_lr.repeat(2), layer_lr, layer_lr]  # bank rows: layer i and L + i
+    projs = [n for n in PROJ_NAMES if hp.embed_proj_muon and n in dict(model.named_parameters())]
+    banks += [model.get_parameter(n) for n in projs]
+    lrs += [torch.tensor([hp.matrix_lr_encoder])] * len(projs)  # PR #850's encoder group
     muon = ParallelMuon(banks, lrs, hp.muon_momentum_warmup_start, hp.muon_wd, hp.muon_backend_steps, d)
-    named = [(n, p) for n, p in model.named_parameters() if n not in BANKS]
+    named = [(n, p) for n, p in model.named_parameters() if n not in BANKS + tuple(projs)]
     embeds = [p for n, p in named if n in EMBEDDING_NAMES]
     scalars = [p for n, p in named if n not in EMBEDDING_NAMES]
     groups = [dict(params=ps, lr=lr, base_lr=lr) for ps, lr in ((embeds, hp.embed_lr), (scalars, hp.scalar_lr))]
@@ -2676,7 +2685,7 @@ def run(hp: Hyperparameters, d: Dist, log: RunLog, out: Path, run_id: str, statu
         f"encoder_layers:{hp.num_encoder_layers} xsa_layers:{hp.xsa_last_n} ve_layers:{hp.ve_last_n} "
         f"attention:{attention} bf16_residual:{d.is_cuda} compiled:{d.is_cuda}")
     log(f"optimizer: parallel_muon banks:{','.join(f'{n}{tuple(getattr(model, n).shape)}' for n in BANKS)} "
-        f"world_size:{d.world_size} grad_accum:{8 // d.world_size} adamw_params:{sum(p.numel() for p in replicated)} "
+        f"muon_projections:{int(hp.embed_proj_muon)} world_size:{d.world_size} grad_accum:{8 // d.world_size} adamw_params:{sum(p.numel() for p in replicated)} "
         f"complement_alpha:{hp.complement_alpha} bigram_counts:{4 * hp.vocab_size ** 2 / 2 ** 20:.0f}MiB_per_rank "
         f"late_qat_frac:{hp.late_qat_frac}")
     trainer = Trainer(hp, d, model, step_fn, muon, adam, replicated)

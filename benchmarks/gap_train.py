@@ -10,7 +10,6 @@ windows), the raw weights at the last step and the final (EMA/SWA) weights, on t
 import argparse
 import copy
 import json
-import math
 import os
 import statistics
 import sys
@@ -30,37 +29,12 @@ CONFIGS = {
     "no_qat": {"LATE_QAT_FRAC": "1"},
     "const_lr_no_qat": {"WARMDOWN_FRAC": "1e-9", "LATE_QAT_FRAC": "1"},  # the seed's wall-clock schedule, never reached
     "seed_proj_init": {"EMBED_PROJ_INIT": "orthogonal"},
-    # + PR #850's optimizer for the two projections: Muon at the encoder LR (a harness-side step, see proj_muon)
-    "seed_proj_muon": {"EMBED_PROJ_INIT": "orthogonal", "GAP_PROJ_MUON": "1"},
+    # + PR #850's optimizer for the two projections: Muon at the encoder LR (train_gpt's EMBED_PROJ_MUON; the
+    # 150-step rows of logs/ablate_train_gap_20261203.txt used an equivalent harness-side step, outside the clip norm)
+    "seed_proj_muon": {"EMBED_PROJ_INIT": "orthogonal", "EMBED_PROJ_MUON": "1"},
+    "proj_muon": {"EMBED_PROJ_MUON": "1"},
 }
 METRICS = ("raw_val", "final_val", "raw_h2", "final_h2")
-
-
-def proj_muon(trainer) -> None:
-    """Move the BigramHash / value-embedding projections from AdamW to a Muon step (Nesterov, Newton-Schulz,
-    decoupled WD, MATRIX_LR_ENCODER x the schedule) run after the banks' step. Their gradients are left out of
-    the global clip norm but scaled by its coefficient."""
-    hp, model = trainer.hp, trainer.model
-    projs = [e.proj.weight for e in (model.bigram, model.ve) if e is not None]
-    ids = {id(p) for p in projs}
-    for group in trainer.adam.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-    trainer.replicated[:] = [p for p in trainer.replicated if id(p) not in ids]
-    bufs, banks_step = [torch.zeros_like(p) for p in projs], trainer.muon.step
-
-    def step(grads, clip):
-        banks_step(grads, clip)
-        group = trainer.muon.param_groups[0]
-        lr = hp.matrix_lr_encoder * group["lr_mult"]
-        with torch.no_grad():
-            for p, buf in zip(projs, bufs):
-                g = p.grad * clip
-                buf.mul_(group["momentum"]).add_(g)
-                u = tg.zeropower_via_newtonschulz5(g + group["momentum"] * buf, hp.muon_backend_steps).float()
-                p.mul_(1 - lr * hp.muon_wd).sub_(lr * math.sqrt(max(1.0, p.size(0) / p.size(1))) * u)
-    trainer.muon.step = step
-    restore = trainer.restore  # the warm-up's restore also clears these momenta
-    trainer.restore = lambda snap: (restore(snap), [b.zero_() for b in bufs])
 
 
 def run_one(base: dict, name: str, seed: int, steps: int, texts: dict, luts) -> dict:
@@ -71,8 +45,6 @@ def run_one(base: dict, name: str, seed: int, steps: int, texts: dict, luts) -> 
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp)
     trainer = tg.Trainer(hp, d, model, model, *tg.build_optimizers(model, hp, d))
-    if env.get("GAP_PROJ_MUON") == "1":
-        proj_muon(trainer)
     raw, apply_final = {}, tg.WeightAverager.apply_final
 
     def capture(self):

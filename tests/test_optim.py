@@ -177,6 +177,37 @@ def test_parallel_muon_single_process_matches_reference():
                                           for i in range(2 * L)])
 
 
+def test_embed_proj_muon_moves_the_projections_into_muon():
+    """EMBED_PROJ_MUON=1 (PR #850): the BigramHash and VE projections leave AdamW and take two Muon steps at
+    MATRIX_LR_ENCODER, equal to the plain per-matrix reference; off, they stay in AdamW."""
+    hp = tiny_hp(embed_proj_muon=True, embed_proj_init="orthogonal")
+    model = perturbed_model(hp)
+    muon, adam, replicated = tg.build_optimizers(model, hp, tg.Dist())
+    projs = [model.get_parameter(n) for n in tg.PROJ_NAMES]
+    ids = {id(p) for p in projs}
+    assert not ids & {id(p) for p in replicated} and not ids & {id(p) for g in adam.param_groups for p in g["params"]}
+    off, _, rep_off = tg.build_optimizers(model, tiny_hp(), tg.Dist())
+    assert len(off.param_groups) == len(tg.BANKS) and ids <= {id(p) for p in rep_off}
+    g = torch.Generator().manual_seed(7)
+    W, buf, mu = [p.detach().clone() for p in projs], [torch.zeros_like(p) for p in projs], 0.95
+    for step, (lr_mult, clip) in enumerate(((1.0, 1.0), (0.5, 0.6))):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        grads = [p.grad.clone() for p in projs]
+        for group in muon.param_groups:
+            group["momentum"], group["lr_mult"] = mu, lr_mult
+        muon.launch_reduce_scatter()
+        muon.step(muon.wait_reduce_scatter(), torch.tensor(clip))
+        lr = hp.matrix_lr_encoder * lr_mult
+        for i, gr in enumerate(grads):
+            buf[i] = mu * buf[i] + clip * gr
+            R, C = gr.shape
+            new = W[i] * (1 - lr * hp.muon_wd) - lr * ns5_ref(clip * gr + mu * buf[i]) * math.sqrt(max(1.0, R / C))
+            change, diff = float((new - W[i]).norm()), float((projs[i].detach() - new).norm())
+            assert diff <= 0.05 * change, f"step {step}: {tg.PROJ_NAMES[i]} differs by {diff:.3e} (change {change:.3e})"
+            W[i] = projs[i].detach().clone()
+
+
 @pytest.fixture(scope="module", params=[2, 4])
 def muon_ranks(request, tmp_path_factory):
     """(world, out): the worker's records. 4 ranks with 3 layers: rank 3 owns no row of any bank (ceil(3/4) = 1
