@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import train_gpt as tg  # noqa: E402
-from ablate_train import CORPUS, embedded_env  # noqa: E402
+from ablate_train import embedded_env  # noqa: E402
 
 CONFIGS = {
     "default": {},
@@ -105,7 +105,7 @@ def main() -> None:
     hp = tg.Hyperparameters.from_env(base)
     luts = tg.build_byte_luts(tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size), hp.vocab_size)
     texts = {"val": tg.load_validation_tokens(hp.data_path, hp.vocab_size),
-             "h2": tg.load_validation_tokens(str(CORPUS / "datasets" / "heldout2"), hp.vocab_size)}
+             "h2": tg.load_validation_tokens(str(Path(hp.data_path).parent / "heldout2"), hp.vocab_size)}
     results = [run_one(base, name, seed, args.steps, texts, luts) for seed in args.seeds
                for name in args.configs.split(",")]
     print(table(results, args.seeds))
