@@ -461,19 +461,15 @@ def check_token_range(tokens: torch.Tensor, vocab_size: int, what: str) -> None:
         raise GolfError(f"{what}: token id {top} >= VOCAB_SIZE={vocab_size} (tokenizer/data mismatch)")
 
 class TokenStream:
-    """The train shards in order, forever (ids checked if vocab_size is given), the next one read in a thread."""
+    """The train shards in order, forever, the next one read in a thread (ids: check_train_shards at start-up)."""
 
-    def __init__(self, data_path: str, vocab_size: int | None = None):
-        self.files, self.vocab_size = shard_files(data_path, "train"), vocab_size
-        self.file_idx, self.pos = 0, 0
+    def __init__(self, data_path: str):
+        self.files, self.file_idx, self.pos = shard_files(data_path, "train"), 0, 0
         self.prefetch = ThreadPoolExecutor(1)  # its thread ends when the stream is garbage-collected
         self.tokens, self.next = self._load(0), self.prefetch.submit(self._load, 1 % len(self.files))
 
     def _load(self, i: int) -> torch.Tensor:
-        tokens = load_data_shard(self.files[i])
-        if self.vocab_size is not None:
-            check_token_range(tokens, self.vocab_size, f"train shard {self.files[i]}")
-        return tokens
+        return load_data_shard(self.files[i])
 
     def take(self, n: int) -> torch.Tensor:
         parts = []
@@ -490,8 +486,8 @@ class DistributedTokenLoader:
     """The next global micro-batch plus one token, the same on every rank (every pair of the stream trained on once
     whatever WORLD_SIZE is): this rank's (x, y) and the whole micro-batch (for the complementary loss's bigrams)."""
 
-    def __init__(self, data_path: str, d: Dist, vocab_size: int):
-        self.stream, self.d = TokenStream(data_path, vocab_size), d
+    def __init__(self, data_path: str, d: Dist):
+        self.stream, self.d = TokenStream(data_path), d
         self.carry = self.stream.take(1)
 
     def next_batch(self, micro_tokens: int, seq_len: int):
@@ -550,7 +546,7 @@ def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts: ByteLUTs) -> torch
     return luts.base_bytes[tgt].to(torch.int64) + extra.to(torch.int64)
 
 def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
-    return nll_nats / math.log(2.0) / n_bytes
+    return nll_nats / math.log(2.0) / n_bytes if n_bytes else math.nan  # a chunk of BOS targets only has 0 bytes
 
 
 # ==================== Model ==========================================================================
@@ -1210,7 +1206,7 @@ def warmup_and_restore(trainer: Trainer, log: RunLog) -> dict:
     variants = [(loop, qat) for loop in ((False, True) if hp.num_loops else (False,))
                 for qat in ((False, True) if hp.late_qat_frac < 1 else (False,))]
     snap, seconds = trainer.snapshot(), {}
-    loader = DistributedTokenLoader(hp.data_path, trainer.d, hp.vocab_size)
+    loader = DistributedTokenLoader(hp.data_path, trainer.d)
     counter = BigramCounter(hp.vocab_size, hp.complement_alpha, trainer.d.device) if hp.complement_alpha > 0 else None
     t0 = time.perf_counter()
     for i in range(W):
@@ -1336,7 +1332,7 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
     hp, d = trainer.hp, trainer.d
     plan = plan_budget(trainer, log, warmup_and_restore(trainer, log))
     start = time.perf_counter()  # the clock starts here, before the loader reads its first shard
-    loader = DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
+    loader = DistributedTokenLoader(hp.data_path, d)
     counter = BigramCounter(hp.vocab_size, hp.complement_alpha, d.device) if hp.complement_alpha > 0 else None
     averager = WeightAverager(trainer.model, hp)
     clock = SharedClock(d)
@@ -1633,7 +1629,7 @@ def collect_hessians(model: GPT, hp: Hyperparameters, d: Dist) -> dict:
 
     handles = [slot.register_forward_pre_hook(hook(name)) for name, slot in sources.items()]
     seq = hp.train_seq_len
-    tokens = TokenStream(hp.data_path, hp.vocab_size).take(hp.gptq_n_samples * seq)
+    tokens = TokenStream(hp.data_path).take(hp.gptq_n_samples * seq)
     lo, hi = hp.gptq_n_samples * d.rank // d.world_size, hp.gptq_n_samples * (d.rank + 1) // d.world_size
     batch = hp.eval_batch_seqs  # sequences per no-grad forward, as in evaluation
     model.eval()
@@ -2497,7 +2493,7 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     """The reported evaluation: one clock from the first load of the artifact to the final number. The
     round-trip diagnostic is the cheap contiguous eval of the same loaded model, inside that clock."""
     clock = time.perf_counter()
-    model = model_from_artifact(artifact, hp, d)
+    model = model_from_artifact(artifact, hp, d, log)
     rt_loss, rt_bpb = eval_val_loss(model, val_tokens, luts, hp, d)
     log_final("final_quant_roundtrip_contiguous", rt_loss, rt_bpb, log,
               "" if math.isnan(prequant_bpb) else f" quant_gap_bpb:{rt_bpb - prequant_bpb:.4f}")

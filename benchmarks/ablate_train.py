@@ -141,7 +141,7 @@ def step_cost_here(steps: int) -> float:
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp)
     trainer = tg.Trainer(hp, d, model, model, *tg.build_optimizers(model, hp, d))
-    loader = tg.DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
+    loader = tg.DistributedTokenLoader(hp.data_path, d)
     counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, d.device) if hp.complement_alpha > 0 else None
     averager = tg.WeightAverager(model, hp)
     trainer.step(loader, counter, 1.0, 0.95, False)  # first step: allocations, lazy initialization

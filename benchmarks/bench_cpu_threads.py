@@ -36,7 +36,7 @@ def seconds_per_step(tg, data_path: str, steps: int = 3) -> float:
     model = tg.GPT(hp)
     muon, adam, replicated = tg.build_optimizers(model, hp, d)
     trainer = tg.Trainer(hp, d, model, model, muon, adam, replicated)
-    loader = tg.DistributedTokenLoader(data_path, d, hp.vocab_size)
+    loader = tg.DistributedTokenLoader(data_path, d)
     counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, d.device)
     trainer.step(loader, counter, 1.0, 0.95, False)
     t0 = time.perf_counter()

@@ -106,7 +106,7 @@ def run_one(variant: str, steps: int, profile: bool) -> None:
     muon, adam, replicated = tg.build_optimizers(model, hp, d)
     step_fn = torch.compile(model, dynamic=False, fullgraph=attention != "fa3") if cuda else model
     trainer = tg.Trainer(hp, d, model, step_fn, muon, adam, replicated)
-    loader = tg.DistributedTokenLoader(hp.data_path, d, hp.vocab_size)
+    loader = tg.DistributedTokenLoader(hp.data_path, d)
     counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, d.device)
     averager = tg.WeightAverager(model, hp)
     state = {"i": 0}

@@ -58,8 +58,28 @@ def main() -> None:
             record["grads"].append(grads)
             record["after"].append({n: getattr(model, n).detach().clone() for n in tg.BANKS})
         torch.save(record, out / f"L{num_layers}_rank{rank}.pt")
+    proj_steps(out, rank, d)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def proj_steps(out: Path, rank: int, d) -> None:
+    """EMBED_PROJ_MUON=1: each projection is a one-matrix bank, owned by rank 0 (the others own zero rows).
+    Two steps with rank-dependent gradients; saves the projections' gradients and values after each step."""
+    hp = tg.Hyperparameters(**{**TINY, "num_layers": 3, "embed_proj_muon": True, "embed_proj_init": "orthogonal"})
+    torch.manual_seed(hp.seed)
+    model = tg.GPT(hp)
+    muon, _, _ = tg.build_optimizers(model, hp, d)
+    record = {"init": {n: model.get_parameter(n).detach().clone() for n in tg.PROJ_NAMES}, "grads": [], "after": []}
+    for step in range(2):
+        gg = torch.Generator().manual_seed(77 * (rank + 1) + step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gg)
+        record["grads"].append({n: model.get_parameter(n).grad.clone() for n in tg.PROJ_NAMES})
+        muon.launch_reduce_scatter()
+        muon.step(muon.wait_reduce_scatter(), torch.tensor(1.0))
+        record["after"].append({n: model.get_parameter(n).detach().clone() for n in tg.PROJ_NAMES})
+    torch.save(record, out / f"proj_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ def test_target_bytes_rule_on_synthetic_luts():
 
 def test_bits_per_byte_formula():
     assert tg.bits_per_byte(math.log(2.0) * 10, 10) == pytest.approx(1.0, rel=1e-15)
+    assert math.isnan(tg.bits_per_byte(1.0, 0))  # a chunk whose targets are all BOS: no bytes, no rate
     assert tg.bits_per_byte(123.456, 78.9) == pytest.approx(123.456 / math.log(2) / 78.9, rel=1e-15)
     # Uniform over 256 byte values: 8 bits per byte.
     n = 1000
@@ -302,7 +303,7 @@ def test_token_stream_reads_in_order_and_wraps(train_dir):
 def global_step_batches(path, world_size, batch_tokens, seq_len, steps):
     """What every rank sees over `steps` optimizer steps, as Trainer.step drives the loader."""
     accum = 8 // world_size
-    loaders = [tg.DistributedTokenLoader(str(path), tg.Dist(rank=r, world_size=world_size), V)
+    loaders = [tg.DistributedTokenLoader(str(path), tg.Dist(rank=r, world_size=world_size))
                for r in range(world_size)]
     seqs, raw = [], []
     for _ in range(steps * accum):
@@ -342,13 +343,15 @@ def test_global_batch_independent_of_world_size(train_dir):
             assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
-def test_loader_rejects_out_of_range_tokens(tmp_path):
-    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3] * 100 + [1500] + [4] * 100)
-    with pytest.raises(tg.GolfError, match="VOCAB_SIZE") as err:  # checked when the shard is loaded
-        loader = tg.DistributedTokenLoader(str(tmp_path), tg.Dist(), V)
-        for _ in range(10):
-            loader.next_batch(64, 16)
-    assert "fineweb_train_000000.bin" in str(err.value)
+def test_startup_check_rejects_out_of_range_tokens_naming_the_shard(tmp_path):
+    """Every train shard's ids are checked once, at start-up (check_train_shards), the later ones included; the
+    loader does not scan them again."""
+    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3] * 100)
+    write_shard(tmp_path / "fineweb_train_000001.bin", [4] * 50 + [1500])
+    assert tg.check_train_shards(str(tmp_path), 1501, tg.Dist()) == 351
+    with pytest.raises(tg.GolfError, match="VOCAB_SIZE") as err:
+        tg.check_train_shards(str(tmp_path), V, tg.Dist())
+    assert "fineweb_train_000001.bin" in str(err.value) and "1500" in str(err.value)
 
 
 def test_token_stream_single_short_shard_wraps_within_one_take(tmp_path):
@@ -376,15 +379,6 @@ def test_next_shard_is_read_in_the_background_and_the_stream_is_unchanged(train_
     assert readers[0] == (0, True) and len(readers) >= 5
     assert all(not main for _, main in readers[1:])
     assert [i for i, _ in readers[:6]] == [0, 1, 2, 0, 1, 2]  # in order, wrapping around
-
-
-def test_bad_later_shard_fails_when_reached_naming_it(tmp_path):
-    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3] * 100)
-    write_shard(tmp_path / "fineweb_train_000001.bin", [4] * 50 + [1500])
-    ts = tg.TokenStream(str(tmp_path), V)
-    assert ts.take(300).tolist() == [1, 2, 3] * 100  # the prefetch already failed; nothing raised yet
-    with pytest.raises(tg.GolfError, match="fineweb_train_000001.bin"):
-        ts.take(1)
 
 
 # ----------------------------------------------------------------------------------------------------

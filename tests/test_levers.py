@@ -118,7 +118,7 @@ def test_hessians_sum_every_pass(corpus):
     tg.collect_hessians(model, hp, tg.Dist())
     assert counts["n"] == 2  # one batch of 2 sequences, two passes over layer 1
     H = tg.collect_hessians(model, hp, tg.Dist())
-    tokens = tg.TokenStream(hp.data_path, hp.vocab_size).take(2 * hp.train_seq_len).view(2, -1).long()
+    tokens = tg.TokenStream(hp.data_path).take(2 * hp.train_seq_len).view(2, -1).long()
     inputs = []
     h = slot.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].size(-1)).float()))
     with torch.no_grad():

@@ -276,6 +276,26 @@ def test_parallel_muon_gloo_ranks_match_reference(muon_ranks, num_layers):
         assert_banks_close(recs[0]["after"][s], ref[s], ref[s - 1], f"L{num_layers} step {s}")
 
 
+def test_embed_proj_muon_gloo_ranks_match_reference(muon_ranks):
+    """EMBED_PROJ_MUON=1 on 2 and 4 ranks: a projection is a bank of one matrix that only rank 0 owns; every rank
+    ends with the same weights, equal to the plain Muon reference fed the average gradient (bf16 wire: 5%)."""
+    world, out = muon_ranks
+    recs = [torch.load(out / f"proj_rank{r}.pt") for r in range(world)]
+    hp = tiny_hp(num_layers=3, embed_proj_muon=True, embed_proj_init="orthogonal")
+    mu, lr = hp.muon_momentum_warmup_start, hp.matrix_lr_encoder
+    for n in tg.PROJ_NAMES:
+        W, buf = recs[0]["init"][n].clone(), torch.zeros_like(recs[0]["init"][n])
+        for s in range(2):
+            assert all(torch.equal(recs[0]["after"][s][n], rec["after"][s][n]) for rec in recs), (n, s)
+            g = sum(rec["grads"][s][n] for rec in recs) / world
+            buf = mu * buf + g
+            R, C = g.shape
+            new = W * (1 - lr * hp.muon_wd) - lr * ns5_ref(g + mu * buf) * math.sqrt(max(1.0, R / C))
+            diff, change = float((recs[0]["after"][s][n] - new).norm()), float((new - W).norm())
+            assert diff <= 0.05 * change, f"{n} step {s}: differs by {diff:.3e} (change {change:.3e})"
+            W = recs[0]["after"][s][n]
+
+
 # -----------------------------------------------------------------------------------------------------
 # Complementary loss: bigram counts
 # -----------------------------------------------------------------------------------------------------
@@ -341,7 +361,7 @@ def test_bigram_counts_identical_on_all_ranks_and_world_sizes(corpus, world):
     def counts_after(world, steps=5):
         accum = 8 // world
         micro = hp.train_batch_tokens // accum
-        loaders = [tg.DistributedTokenLoader(hp.data_path, tg.Dist(rank=r, world_size=world), hp.vocab_size)
+        loaders = [tg.DistributedTokenLoader(hp.data_path, tg.Dist(rank=r, world_size=world))
                    for r in range(world)]
         counters = [tg.BigramCounter(hp.vocab_size, hp.complement_alpha, torch.device("cpu")) for _ in range(world)]
         ref = DictCounter(hp.complement_alpha)
@@ -511,7 +531,7 @@ def test_snapshot_restore_undoes_steps(corpus):
     hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
     trainer = make_trainer(hp)
     snap = trainer.snapshot()
-    loader = tg.DistributedTokenLoader(hp.data_path, trainer.d, hp.vocab_size)
+    loader = tg.DistributedTokenLoader(hp.data_path, trainer.d)
     counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, torch.device("cpu"))
     for i in range(3):
         trainer.step(loader, counter, 0.7, 0.95, qat=i == 2)
@@ -637,7 +657,7 @@ def test_training_step_reads_nothing_back_from_the_device(corpus, monkeypatch):
     the EMA/SWA update never read a tensor value into Python; the guard does catch such a read."""
     hp = tiny_hp(data_path=str(corpus / "datasets" / "fineweb10B_sp1024"))
     trainer = make_trainer(hp)
-    loader = tg.DistributedTokenLoader(hp.data_path, trainer.d, hp.vocab_size)
+    loader = tg.DistributedTokenLoader(hp.data_path, trainer.d)
     counter = tg.BigramCounter(hp.vocab_size, hp.complement_alpha, torch.device("cpu"))
     averager = tg.WeightAverager(trainer.model, hp)
     calls = record_host_reads(monkeypatch)

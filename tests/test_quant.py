@@ -770,7 +770,7 @@ def test_head_hessian_is_that_of_the_final_hidden_states(tiny_artifact):
     """The tied embedding's H = mean h^T h of the output head's input (the normalized final hidden states)."""
     hp, _, model, hessians, _, _ = tiny_artifact
     seq = hp.train_seq_len
-    x = tg.TokenStream(hp.data_path, hp.vocab_size).take(hp.gptq_n_samples * seq).view(-1, seq).long()
+    x = tg.TokenStream(hp.data_path).take(hp.gptq_n_samples * seq).view(-1, seq).long()
     with torch.no_grad():
         h = model.hidden(x).reshape(-1, hp.model_dim)
     assert torch.allclose(hessians[tg.TIED_EMBED], h.T @ h / h.size(0), rtol=1e-4, atol=1e-6)
