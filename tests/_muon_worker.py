@@ -30,7 +30,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     d = tg.Dist(rank=rank, world_size=world, device=torch.device("cpu"))
     for num_layers in (4, 3):
-        hp = tg.Hyperparameters(**{**TINY, "num_layers": num_layers})
+        hp = tg.Hyperparameters(**{**TINY, "num_layers": num_layers, "embed_proj_muon": False})  # the banks alone
         hp.validate()
         torch.manual_seed(hp.seed)
         model = tg.GPT(hp)

@@ -146,7 +146,7 @@ def perturbed_model(hp, seed=1234):
 def test_parallel_muon_single_process_matches_reference():
     """Three steps of ParallelMuon (world 1): zero gradients (weight decay only), then two random ones with
     the schedule's momentum / LR multiplier / clip changing, against the plain per-matrix reference."""
-    hp = tiny_hp()
+    hp = tiny_hp(embed_proj_muon=False)  # the banks alone (the projections: test_embed_proj_muon_*)
     model = perturbed_model(hp)
     muon, _, _ = tg.build_optimizers(model, hp, tg.Dist())
     init = {n: getattr(model, n).detach().clone() for n in tg.BANKS}
@@ -186,7 +186,7 @@ def test_embed_proj_muon_moves_the_projections_into_muon():
     projs = [model.get_parameter(n) for n in tg.PROJ_NAMES]
     ids = {id(p) for p in projs}
     assert not ids & {id(p) for p in replicated} and not ids & {id(p) for g in adam.param_groups for p in g["params"]}
-    off, _, rep_off = tg.build_optimizers(model, tiny_hp(), tg.Dist())
+    off, _, rep_off = tg.build_optimizers(model, tiny_hp(embed_proj_muon=False), tg.Dist())
     assert len(off.param_groups) == len(tg.BANKS) and ids <= {id(p) for p in rep_off}
     g = torch.Generator().manual_seed(7)
     W, buf, mu = [p.detach().clone() for p in projs], [torch.zeros_like(p) for p in projs], 0.95
@@ -238,7 +238,7 @@ def test_parallel_muon_gloo_ranks_match_reference(muon_ranks, num_layers):
             assert not torch.equal(recs[0]["grads"][1][name], recs[r]["grads"][1][name])
             for s in range(n_steps):
                 assert torch.equal(recs[0]["after"][s][name], recs[r]["after"][s][name]), (name, r, s)
-    hp = tiny_hp(num_layers=num_layers)
+    hp = tiny_hp(num_layers=num_layers, embed_proj_muon=False)
     if num_layers == 3:
         assert recs[0]["init"]["mlp_up_bank"].size(0) == 3
     assert_weight_decay_step(recs[0]["after"][0], recs[0]["init"], hp, f"L{num_layers} zero-gradient step")
