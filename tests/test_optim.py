@@ -85,6 +85,13 @@ def ns5_ref(G, steps=5):
     return (X.T if tall else X).float()
 
 
+def muon_step_ref(W, buf, g, mu, lr, wd):
+    """One plain Muon step on one matrix (g already clipped): (new W, new momentum buffer)."""
+    buf = mu * buf + g
+    R, C = g.shape
+    return W * (1 - lr * wd) - lr * ns5_ref(g + mu * buf) * math.sqrt(max(1.0, R / C)), buf
+
+
 def ref_muon(init, grads_per_step, clips, hp, momenta, lr_mults):
     """Single-process Muon, one matrix at a time: b = mu*b + clip*g; update = NS5(clip*g + mu*b) *
     sqrt(max(1, rows/cols)); p = p*(1 - lr*wd) - lr*update, lr = lr_mult * (MATRIX_LR_ENCODER for layers
@@ -98,11 +105,8 @@ def ref_muon(init, grads_per_step, clips, hp, momenta, lr_mults):
             for i in range(P[name].size(0)):
                 layer = i % L
                 lr = lr_mult * (hp.matrix_lr_encoder if layer < L // 2 else hp.matrix_lr_decoder)
-                g = grads[name][i] * clip
-                buf[name][i] = mu * buf[name][i] + g
-                R, C = g.shape
-                update = ns5_ref(g + mu * buf[name][i]) * math.sqrt(max(1.0, R / C))
-                P[name][i] = P[name][i] * (1 - lr * hp.muon_wd) - lr * update
+                P[name][i], buf[name][i] = muon_step_ref(P[name][i], buf[name][i], grads[name][i] * clip, mu, lr,
+                                                         hp.muon_wd)
         history.append({n: t.clone() for n, t in P.items()})
     return history
 
@@ -200,9 +204,7 @@ def test_embed_proj_muon_moves_the_projections_into_muon():
         muon.step(muon.wait_reduce_scatter(), torch.tensor(clip))
         lr = hp.matrix_lr_encoder * lr_mult
         for i, gr in enumerate(grads):
-            buf[i] = mu * buf[i] + clip * gr
-            R, C = gr.shape
-            new = W[i] * (1 - lr * hp.muon_wd) - lr * ns5_ref(clip * gr + mu * buf[i]) * math.sqrt(max(1.0, R / C))
+            new, buf[i] = muon_step_ref(W[i], buf[i], clip * gr, mu, lr, hp.muon_wd)
             change, diff = float((new - W[i]).norm()), float((projs[i].detach() - new).norm())
             assert diff <= 0.05 * change, f"step {step}: {tg.PROJ_NAMES[i]} differs by {diff:.3e} (change {change:.3e})"
             W[i] = projs[i].detach().clone()
@@ -288,9 +290,7 @@ def test_embed_proj_muon_gloo_ranks_match_reference(muon_ranks):
         for s in range(2):
             assert all(torch.equal(recs[0]["after"][s][n], rec["after"][s][n]) for rec in recs), (n, s)
             g = sum(rec["grads"][s][n] for rec in recs) / world
-            buf = mu * buf + g
-            R, C = g.shape
-            new = W * (1 - lr * hp.muon_wd) - lr * ns5_ref(g + mu * buf) * math.sqrt(max(1.0, R / C))
+            new, buf = muon_step_ref(W, buf, g, mu, lr, hp.muon_wd)
             diff, change = float((recs[0]["after"][s][n] - new).norm()), float((new - W).norm())
             assert diff <= 0.05 * change, f"{n} step {s}: differs by {diff:.3e} (change {change:.3e})"
             W = recs[0]["after"][s][n]
