@@ -177,22 +177,10 @@ class Hyperparameters:
         hp.validate()
         return hp
 
-    # Derived quantities: layer choices that the spec pins to "first half / last 2 / last 4".
-    @property
-    def num_encoder_layers(self) -> int:
-        return self.num_layers // 2
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.mlp_mult * self.model_dim)
-
-    @property
-    def head_dim(self) -> int:
-        return self.model_dim // self.num_heads
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
+    num_encoder_layers = property(lambda self: self.num_layers // 2)  # the U-Net's first half
+    mlp_hidden = property(lambda self: int(self.mlp_mult * self.model_dim))
+    head_dim = property(lambda self: self.model_dim // self.num_heads)
+    kv_dim = property(lambda self: self.num_kv_heads * self.head_dim)
 
     def clip_levels(self) -> tuple:
         return tuple(float(x) for x in self.gptq_clip_levels.split(","))
@@ -753,8 +741,9 @@ class Block(nn.Module):
         return x, v0
 
 class ProjectedEmbedding(nn.Module):
-    """A token embedding (N(0, 0.01)) through a zero-initialized projection, so it starts as a no-op: the value
-    embeddings added (scaled per layer) to v (VE128: PR #374), and BigramHash's table."""
+    """A token embedding (N(0, 0.01)) through a projection: the value embeddings added (scaled per layer) to v
+    (VE128: PR #374), and BigramHash's table. The projection starts at zero (a no-op); with EMBED_PROJ_INIT=orthogonal
+    (the default) GPT re-initializes it orthogonal / sqrt(2L) and BigramHash's table at zero instead."""
 
     def __init__(self, vocab_size: int, dim: int, out_dim: int):
         super().__init__()
@@ -909,9 +898,10 @@ def load_unbanked_state_dict(model: GPT, sd: dict) -> None:
 
 
 # ==================== Optimizers =====================================================================
-# Parallel Muon for the four banks: each bank's gradient is reduce-scattered so each rank owns whole matrices,
-# whose owner runs Nesterov momentum and bf16 Newton-Schulz; the updates are all-gathered while the next bank is
-# computed. No DDP: the small replicated parameters (AdamW) get one flat all-reduce.
+# Parallel Muon for the four banks (and, with EMBED_PROJ_MUON, the BigramHash / VE projections, each a bank of one
+# matrix): each bank's gradient is reduce-scattered so each rank owns whole matrices, whose owner runs Nesterov
+# momentum and bf16 Newton-Schulz; the updates are all-gathered while the next bank is computed. No DDP: the small
+# replicated parameters (AdamW) get one flat all-reduce.
 
 # Muon and its quintic Newton-Schulz: Keller Jordan (modded-nanogpt), via the contest's baseline train_gpt.py
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -1012,7 +1002,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters, d: Dist):
     layer_lr = torch.tensor([hp.matrix_lr_encoder if i < n_enc else hp.matrix_lr_decoder for i in range(L)])  # PR #850
     banks = [getattr(model, name) for name in BANKS]
     lrs = [layer_lr.repeat(2), layer_lr.repeat(2), layer_lr, layer_lr]  # bank rows: layer i and L + i
-    projs = [n for n in PROJ_NAMES if hp.embed_proj_muon and n in dict(model.named_parameters())]
+    names = dict(model.named_parameters())
+    projs = [n for n in PROJ_NAMES if hp.embed_proj_muon and n in names]
     banks += [model.get_parameter(n) for n in projs]
     lrs += [torch.tensor([hp.matrix_lr_encoder])] * len(projs)  # PR #850's encoder group
     muon = ParallelMuon(banks, lrs, hp.muon_momentum_warmup_start, hp.muon_wd, hp.muon_backend_steps, d)
