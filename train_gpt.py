@@ -137,6 +137,7 @@ class Hyperparameters:
     eval_only: str = ""                   # path of an artifact: skip training, evaluate it
     eval_mode: str = "sliding"            # sliding: one stream of sliding windows | doc: each document from its BOS
     doc_chunk_tokens: int = 64            # doc mode: targets per score-then-adapt chunk of a document
+    ngram_doc_local: bool = True          # doc mode: the cache also holds the target's own document's scored chunks
     phased_ttt_num_phases: int = 0        # doc mode: global SGD phases on the documents already scored (0: off)
     phased_ttt_prefix_docs: int = 0       # the phases split the first this many documents
     phased_ttt_lr: float = 0.001
@@ -279,7 +280,7 @@ def _parse_setting(name: str, text: str, kind: type):
         raise GolfError(f"{name}={text!r} is not a valid {kind.__name__}") from None
 
 # What an evaluation reads: recorded in the artifact, so that EVAL_ONLY scores it as its run did.
-EVAL_FIELDS = ("seed", "eval_mode", "doc_chunk_tokens", "phased_ttt_num_phases", "phased_ttt_prefix_docs",
+EVAL_FIELDS = ("seed", "eval_mode", "doc_chunk_tokens", "ngram_doc_local", "phased_ttt_num_phases", "phased_ttt_prefix_docs",
                "phased_ttt_lr", "phased_ttt_steps", "eval_seq_len", "eval_stride", "eval_batch_seqs",
                "eval_budget_seconds", "eval_learned_mix",
                "ttt_enabled", "ttt_chunk_tokens", "ttt_temperature", "ttt_lora_rank", "ttt_last_n", "ttt_lr", "ttt_steps",
@@ -1774,8 +1775,9 @@ class Scored:
     var_z: torch.Tensor      # (M,) variance of the logits under the scored distribution
     audit_pos: torch.Tensor  # (A,) audited target positions in this rank's share
     audit_rows: torch.Tensor  # (A, V) full model log-probabilities there
-    ce: torch.Tensor | None = None   # (M,) with score_windows(train=True): CE with its graph, and the window of each
-    row: torch.Tensor | None = None
+    ce: torch.Tensor | None = None   # (M,) with score_windows(train=True): CE with its graph
+    row: torch.Tensor | None = None  # (M,) the window (batch row) of each target
+    local: tuple | None = None       # doc mode: (C, c, u) of the document-local cache layer at pos, at audit_pos (rows)
 
 def audit_positions(n_tokens: int, k: int, path: str = "") -> torch.Tensor:
     """The audited targets: those listed in `path` (an .npy chosen by a reviewer, e.g. tools/verify.py at random),
@@ -1813,7 +1815,7 @@ def score_windows(model: GPT, hidden_fn, tokens: torch.Tensor, windows: torch.Te
             z32 = model.logits(h[mask])
         if train:
             out["ce"].append(F.cross_entropy(z32 / temperature, tokens[tgt_pos], reduction="none"))
-            out["row"].append((b + torch.arange(B, device=d.device))[:, None].expand(B, T)[mask])
+        out["row"].append((b + torch.arange(B, device=d.device))[:, None].expand(B, T)[mask])
         z = z32.detach().double()  # (M, V)
         lp = torch.log_softmax(z / temperature, dim=-1)  # float64: the scored distribution sums to 1 to ~1e-15
         p, z_t = lp.exp(), z.gather(1, tokens[tgt_pos][:, None]).squeeze(1)
@@ -1867,24 +1869,28 @@ class NGramCache:
     BASES = (1_000_003, 1_234_567_891)
     ORDER_BITS = 4
 
-    def __init__(self, min_order: int, max_order: int, vocab_size: int):
+    def __init__(self, min_order: int, max_order: int, vocab_size: int, tag_bits: int = 0):
         self.orders = list(range(max_order, min_order - 1, -1))  # highest first
         self.vbits = max(1, (vocab_size - 1).bit_length())
-        self.ctx_bits = 63 - self.ORDER_BITS - self.vbits
+        # tag_bits: a document-local cache's keys carry the document as explicit bits above the hash, so two
+        # documents never share a count, whatever the hashes do
+        self.ctx_bits = 63 - self.ORDER_BITS - tag_bits - self.vbits
         self.runs, self.distinct_runs = [], []  # on the device of the tokens they are built from
 
-    def context_keys(self, tokens: torch.Tensor, pos: torch.Tensor) -> tuple:
-        """(K, M) keys of the contexts tokens[p-n+1 : p] (token bits zero) for each order n of
-        self.orders and each target position p, and whether the context lies inside the text."""
+    def context_keys(self, tokens: torch.Tensor, pos: torch.Tensor, tag: torch.Tensor | None = None) -> tuple:
+        """(K, M) keys of the contexts tokens[p-n+1 : p] (token bits zero; the document `tag` (M,) of a local cache)
+        for each order n of self.orders and each target position p, and whether the context lies inside the text."""
         a, b = torch.zeros_like(pos), torch.zeros_like(pos)
         keys = {}
         for k in range(1, self.orders[0]):
             t = tokens[(pos - k).clamp(min=0)] + 1
             a = (a * self.BASES[0] + t) % self.PRIME  # < 2^62: no int64 overflow
             b = (b * self.BASES[1] + t) % self.PRIME
-            h = ((a << (self.ctx_bits - 31)) ^ b) & ((1 << self.ctx_bits) - 1)
+            h = ((a << max(0, self.ctx_bits - 31)) ^ b) & ((1 << self.ctx_bits) - 1)
             keys[k + 1] = ((k + 1) << (63 - self.ORDER_BITS)) | (h << self.vbits)
         lo = torch.stack([keys[n] for n in self.orders])
+        if tag is not None:
+            lo = lo | (tag << (self.ctx_bits + self.vbits))
         valid = torch.stack([pos - (n - 1) >= 0 for n in self.orders])
         return lo, valid
 
@@ -1912,22 +1918,27 @@ class NGramCache:
         """count(ctx, v) for pair keys ctx | v."""
         return self._in_key_order(lambda k: exact_counts(self.runs, k), key)
 
-    def stats(self, tokens: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor | None = None) -> tuple:
+    def stats(self, tokens: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor | None = None, tag=None) -> tuple:
         """float64 (count(ctx), count(ctx, v), distinct(ctx)) for every order (highest first) at the target
         positions `pos`: shapes (K, M), (K, M) with v = tokens[pos] or (K, M, V') for tgt of shape (M, V'),
         (K, M). Contexts reaching before the text count 0."""
-        ctx, valid = self.context_keys(tokens, pos)
+        ctx, valid = self.context_keys(tokens, pos, tag)
         ctx = torch.where(valid, ctx, 0)  # order 0 keys are never stored
         tgt = tokens[pos] if tgt is None else tgt
         pair = self.pair_counts(ctx | tgt) if tgt.dim() == 1 else self.pair_counts(ctx[..., None] | tgt)
         distinct = self._in_key_order(lambda k: exact_counts(self.distinct_runs, k), ctx)
         return self.context_counts(ctx).double(), pair.double(), distinct.double()
 
-    def update(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
-        """Add the pairs (context, tokens[p]) of every order for every target position p in `pos`."""
-        lo, valid = self.context_keys(tokens, pos)
-        keys, counts = torch.unique((lo | tokens[pos])[valid], return_counts=True)
+    def update(self, tokens: torch.Tensor, pos: torch.Tensor, tag=None, base: "NGramCache | None" = None) -> None:
+        """Add the pairs (context, tokens[p]) of every order for every target position p in `pos`. With `base`
+        (the cache this local one is added to, unchanged meanwhile) a pair it holds is no new continuation, so
+        the distinct counts of both add up to those of the union."""
+        lo, valid = self.context_keys(tokens, pos, tag)
+        keys, inv, counts = torch.unique((lo | tokens[pos])[valid], return_inverse=True, return_counts=True)
         new = exact_counts(self.runs, keys) == 0  # pairs never seen before: one more distinct continuation
+        if base is not None:
+            base_keys = (base.context_keys(tokens, pos)[0] | tokens[pos])[valid]
+            new &= exact_counts(base.runs, torch.zeros_like(keys).scatter_(0, inv, base_keys)) == 0
         ctx, n_new = torch.unique(keys[new] >> self.vbits << self.vbits, return_counts=True)
         add_run(self.runs, keys, counts)
         add_run(self.distinct_runs, ctx, n_new)
@@ -2024,6 +2035,8 @@ def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tenso
     i = torch.nonzero(torch.isin(sc.pos, sc.audit_pos)).flatten()  # same order as audit_pos
     V = sc.audit_rows.size(1)
     C, c, u = ngram_stats(cache, tokens, sc.audit_pos, torch.arange(V, device=tokens.device).expand(i.numel(), V))
+    if sc.local is not None:
+        C, c, u = (x + y for x, y in zip((C, c, u), sc.local[1]))
     mismatch = (c.sum(-1) != C).sum().double()  # sum_v count(ctx, v) must equal count(ctx)
     beta = mixer.beta(sc.entropy[i]).detach()
     logp, _ = mixer.mix(sc.audit_rows, sc.entropy[i], C, c, u)
@@ -2175,10 +2188,15 @@ class DocTTT:
             slot.lora = lora
 
 def score_docs(model: GPT, hidden_fn, tokens: torch.Tensor, spans: torch.Tensor, hp: Hyperparameters, temperature: float,
-               d: Dist, audit_pos: torch.Tensor, ttt: DocTTT | None, luts: ByteLUTs, timer) -> Scored:
-    """Score this rank's documents (doc_schedule), with per-document TTT between rounds."""
+               d: Dist, audit_pos: torch.Tensor, ttt: DocTTT | None, luts: ByteLUTs, timer, cache=None) -> Scored:
+    """Score this rank's documents (doc_schedule), with per-document TTT between rounds. With `cache` and
+    NGRAM_DOC_LOCAL, a local cache keyed by document gets each round's targets after they are scored, and
+    `Scored.local` holds its counts at every target: the own document's earlier chunks, to add to `cache`'s."""
     windows, first, more = doc_schedule(spans, hp)
-    parts = []
+    B, parts, local = hp.eval_batch_seqs, [], None
+    if cache is not None and hp.ngram_doc_local:
+        local = NGramCache(hp.ngram_eval_min_order, hp.ngram_eval_order, hp.vocab_size, max(1, (spans.size(0) - 1).bit_length()))
+        doc_of = (torch.arange(B) + B * (first.long().cumsum(0) - 1)).to(d.device)  # (R, B): row b's index in spans
     for r in range(windows.size(0)):
         train = ttt is not None and bool(more[r].any())
         if ttt is not None:
@@ -2192,10 +2210,21 @@ def score_docs(model: GPT, hidden_fn, tokens: torch.Tensor, spans: torch.Tensor,
                 for _ in range(hp.ttt_steps - 1):
                     ttt.step(score_windows(model, hidden_fn, tokens, windows[r], hp, temperature, d, audit_pos,
                                            hp.eval_seq_len, True), tokens, luts, live)
+        if local is not None:
+            with timer("ngram_local"):
+                tag, V = doc_of[r][sc.row], sc.audit_rows.size(1)
+                at = tag[torch.isin(sc.pos, sc.audit_pos)]
+                sc.local = (local.stats(tokens, sc.pos, tag=tag),
+                            local.stats(tokens, sc.audit_pos, torch.arange(V, device=d.device).expand(at.numel(), V), at))
+                keep = more[r].to(d.device)[sc.row]  # a document's last chunk is never looked up again
+                local.update(tokens, sc.pos[keep], tag[keep], base=cache)
         parts.append(sc)
     if not parts:
         return score_windows(model, hidden_fn, tokens, torch.zeros(0, 3, dtype=torch.long), hp, temperature, d, audit_pos)
-    return Scored(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Scored)[:7]))
+    out = Scored(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Scored)[:7]))
+    if local is not None:
+        out.local = tuple(tuple(torch.cat([p.local[j][k] for p in parts], dim=1) for k in range(3)) for j in range(2))
+    return out
 
 def phased_sgd(model: GPT, tokens: torch.Tensor, hi: int, hp: Hyperparameters, d: Dist, luts: ByteLUTs) -> None:
     """Phased global TTT (PR #1610 line): PHASED_TTT_STEPS SGD steps of the block matrices on the byte-weighted
@@ -2279,7 +2308,7 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
             group = spans[step_bounds[c]:step_bounds[c + 1]]
             lo, hi = int(group[0, 0]) + 1, int(group[-1, 1])  # this step's targets, on every rank
             sc = score_docs(model, hidden_fn, tokens, group[d.rank::d.world_size], hp, temperature, d, audit_pos, ttt,
-                            luts, timer)
+                            luts, timer, cache)
         else:
             wins = windows[bounds[c]:bounds[c + 1]]
             k = wins.size(0)
@@ -2290,6 +2319,8 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, luts: ByteLUTs, hp: Hyperpara
         n_bytes = target_bytes(tokens[sc.pos - 1], tokens[sc.pos], luts).double()
         with timer("ngram"):
             stats = ngram_stats(cache, tokens, sc.pos)
+            if sc.local is not None:  # doc mode: the document's own scored chunks
+                stats = tuple(x + y for x, y in zip(stats, sc.local[0]))
             mixed, alpha = mixer.mix(sc.logp, sc.entropy, *stats)
         with timer("audit"):
             errs, p_audit, beta_audit = ngram_audit(cache, mixer, tokens, sc, mixed)
@@ -2497,6 +2528,7 @@ def integrated_eval(artifact: Path, hp: Hyperparameters, d: Dist, log: RunLog, v
     log(f"integrated_parts: model_only_bpb:{r.model_bpb:.4f} ngram_gain_bpb:{r.model_bpb - r.mixed_bpb:.4f} "
         f"ngram:{'on' if hp.ngram_enabled else 'off'} learned_mix:{int(hp.eval_learned_mix)} "
         f"ttt:{'on' if hp.ttt_enabled else 'off'} ttt_steps:{hp.ttt_steps} eval_mode:{hp.eval_mode} "
+        + (f"ngram_doc_local:{int(hp.ngram_doc_local)} " if hp.eval_mode == "doc" else "") +
         f"phases:{hp.phased_ttt_num_phases if hp.eval_mode == 'doc' else 0} last_scored_temperature:{r.temperature:.4f} "
         f"targets:{r.n_targets} bytes:{r.n_bytes}")
     log(f"eval_budget: from_first_artifact_load:{eval_s:.1f}s limit:{hp.eval_budget_seconds:.0f}s")

@@ -775,6 +775,29 @@ def test_doc_c2_c4_once_normalized(doc_base, doc_stream):
     assert (dump["order"] > 0).any() and (dump["alpha"] > 0).any()
 
 
+def test_doc_local_cache_equals_dictionary_reference(doc_stream, luts, tmp_path):
+    """NGRAM_DOC_LOCAL: at every audited target the full mixed distribution equals a dictionary Witten-Bell reference
+    over exactly the targets of earlier steps plus the earlier chunks of the target's own document (never a later
+    chunk, never another document of the same step), with the escape weights and model rows of the dump; off, it is
+    the earlier steps only. The layer adds gain: more targets see a context than without it."""
+    hp = doc_hp(ngram_audit_positions=48)
+    toks, spans = doc_stream.tolist(), tg.doc_spans(doc_stream).tolist()
+    c, C = hp.doc_chunk_tokens, hp.ttt_chunk_tokens
+    dumps = {}
+    for on in (True, False):
+        _, dumps[on] = doc_eval(dataclasses.replace(hp, ngram_doc_local=on), doc_stream, luts, tmp_path / f"{on}.npz")
+        dump = dumps[on]
+        for j, t in enumerate(dump["audit_pos"].tolist()):
+            s = next(a for a, e in spans if a < t <= e)  # the BOS of t's document
+            step_start = min(a for a, _ in spans if a // C == s // C) + 1  # the step's first target
+            own = range(s + 1, s + (t - s - 1) // c * c + 1) if on else range(0)
+            beta = dict(zip(dump["orders"].tolist(), dump["audit_beta"][j].tolist()))
+            lp = torch.from_numpy(np.log(dump["audit_model_p"][j]))
+            ref = ref_witten_bell(toks, t, list(range(1, step_start)) + list(own), lp, beta)
+            assert np.allclose(dump["audit_p"][j], ref.numpy(), atol=1e-12, rtol=0), (on, t)
+    assert (dumps[True]["order"] > 0).sum() > (dumps[False]["order"] > 0).sum()
+
+
 def test_doc_attention_stays_in_the_document_and_ttt_resets(doc_stream, luts, tmp_path):
     """TTT off, no cache, T = 1: each target's NLL equals the model run on its document alone (from its BOS, or the
     last EVAL_SEQ_LEN inputs of it); with per-document TTT (no phases) the first chunk of every document is scored

@@ -163,6 +163,20 @@ def test_ngram_rows_against_a_reference():
         assert np.allclose(ours[i], p, rtol=1e-12, atol=0) and abs(ours[i].sum() - 1) < 1e-12
 
 
+def test_verify_passes_an_honest_doc_mode_score(tiny_run, capsys):
+    """EVAL_MODE=doc (per-document chunks, the document-local n-gram layer on): the honest script passes every check
+    verify can make on a prefix (the logged score is the sliding one, so the score row is skipped); verify's own
+    counts include the target's document's earlier chunks, as the script's do."""
+    env = {**tiny_run["env"], "EVAL_MODE": "doc", "EVAL_BATCH_SEQS": "4", "DOC_CHUNK_TOKENS": "32"}
+    out = tiny_run["out"]
+    code = verify.main([str(out / "final_model.gptq.xz"), "--log", str(out / "logs" / "test.txt"), "--seed", "2",
+                        "--probes", "2", "--tokens", str(VAL_TOKENS - 1)], environ=env)
+    text = capsys.readouterr().out
+    rows = {m[0].strip(): m[1] for m in re.findall(r"^(\w[\w -]*?)\s+(PASS|FAIL|SKIP)  (.*)$", text, re.M)}
+    assert code == 0 and rows["n-gram recomputed"] == "PASS" and rows["C1 causal"] == "PASS", text
+    assert "FAIL" not in rows.values(), text
+
+
 def test_verify_catches_a_doc_mode_phase_on_unscored_documents(tiny_run, capsys, tmp_path):
     """EVAL_MODE=doc with one phase of global SGD: the broken copy's phase trains on the whole text, documents not
     yet scored included (tests/_doc_cheats.py); a probe after the phase changes later tokens, so the scores

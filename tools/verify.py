@@ -58,8 +58,10 @@ ARTIFACT_MAGIC = b"PGOLF\x06"
 WRAPPER = re.compile(rb'\Aimport lzma,base64\nexec\(compile\(lzma\.decompress\(base64\.b85decode\("([0-9A-Za-z!#$%&()*+\-;<=>?@^_`{|}~]*)"\)\),"train_gpt\.py","exec"\)\)\n\Z')
 EXACT = re.compile(r"^final_integrated_exact val_loss:(\d\S*) val_bpb:(\d\S*)$", re.M)
 DUMP_KEYS = ("model_nll", "mixed_nll", "order", "alpha", "bytes", "times_scored")
-PLAN = dict(vocab_size=1024, eval_seq_len=2048, eval_stride=64, ttt_chunk_tokens=65536, artifact_size_cap=CAP_BYTES)
+PLAN = dict(vocab_size=1024, eval_seq_len=2048, eval_stride=64, ttt_chunk_tokens=65536, artifact_size_cap=CAP_BYTES,
+            doc_chunk_tokens=64, ngram_doc_local=1)
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+BOOL_TEXT = ("1", "0", "true", "false", "yes", "no")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,11 +122,13 @@ def settings(log_path: Path | None, environ, header: dict) -> tuple:
               "LOCAL_RANK"):
         env.pop(k, None)
     recorded = {**header.get("eval_settings", {}), "vocab_size": header.get("config", {}).get("vocab_size")}
-    plan = {k: int(env.get(k.upper(), recorded.get(k) if recorded.get(k) is not None else v)) for k, v in PLAN.items()}
+    as_int = lambda x: int(str(x).lower() in ("1", "true", "yes")) if str(x).lower() in BOOL_TEXT else int(x)
+    plan = {k: as_int(env.get(k.upper(), recorded.get(k) if recorded.get(k) is not None else v)) for k, v in PLAN.items()}
     V = plan["vocab_size"]
     plan["data_path"] = env.get("DATA_PATH") or f"./data/datasets/fineweb10B_sp{V}"
     plan["tokenizer_path"] = env.get("TOKENIZER_PATH") or f"./data/tokenizers/fineweb_{V}_bpe.model"
-    env.update({k.upper(): str(plan[k]) for k in ("vocab_size", "eval_seq_len", "eval_stride", "ttt_chunk_tokens")})
+    env.update({k.upper(): str(plan[k]) for k in ("vocab_size", "eval_seq_len", "eval_stride", "ttt_chunk_tokens",
+                                                  "doc_chunk_tokens", "ngram_doc_local")})
     env["TOKENIZER_PATH"] = str(Path(plan["tokenizer_path"]).resolve())
     return env, plan
 
@@ -168,12 +172,15 @@ class Chunks:
     """Which targets each step of the pass holds, recomputed here from the settings: sliding windows of EVAL_SEQ_LEN
     by EVAL_STRIDE over targets 1..N-1, a window in step (end - 1) // TTT_CHUNK_TOKENS; in EVAL_MODE=doc the
     documents (from position 0 and each BOS in 1..N-2, a document's targets up to the next one's BOS) whose start
-    lies in one TTT_CHUNK_TOKENS range of positions. The n-gram cache of a step holds the targets of earlier steps."""
+    lies in one TTT_CHUNK_TOKENS range of positions. The n-gram cache of a step holds the targets of earlier steps, and
+    in doc mode with NGRAM_DOC_LOCAL those of the DOC_CHUNK_TOKENS chunks of the target's own document before its own."""
 
     def __init__(self, n_tokens: int, plan: dict, tokens: np.ndarray | None = None, bos: int = -1):
         last, C = n_tokens - 1, plan["ttt_chunk_tokens"]
+        self.local = tokens is not None and bool(plan.get("ngram_doc_local", 0))
+        self.doc_chunk = plan.get("doc_chunk_tokens", 1)
         if tokens is not None:  # doc mode
-            starts = np.r_[0, np.flatnonzero(tokens[1:last] == bos) + 1].astype(np.int64)
+            self.starts = starts = np.r_[0, np.flatnonzero(tokens[1:last] == bos) + 1].astype(np.int64)
             key = starts // C
             self.first = starts[np.r_[True, key[1:] != key[:-1]]] + 1
         else:
@@ -186,6 +193,13 @@ class Chunks:
 
     def of(self, t: int) -> int:
         return int(np.searchsorted(self.first, t, side="right") - 1)
+
+    def own(self, t: int) -> tuple:
+        """[lo, hi): the targets of t's own document that the cache holds when t is scored (empty: none)."""
+        if not self.local:
+            return 0, 0
+        s = int(self.starts[np.searchsorted(self.starts, t - 1, side="right") - 1])  # t's BOS (a BOS target ends the doc before)
+        return s + 1, s + 1 + (t - s - 1) // self.doc_chunk * self.doc_chunk
 
 
 def draw_probes(rng, tokens: np.ndarray, K: int, chunks: Chunks, V: int, bos: int, doc: bool, usable=None) -> list:
@@ -235,10 +249,11 @@ def context_hashes(tokens: np.ndarray, n_max: int) -> dict:
 
 
 def ngram_rows(tokens: np.ndarray, targets: np.ndarray, cached_upto: np.ndarray, orders: list, model_p: np.ndarray,
-               beta: np.ndarray, V: int, hashes: dict) -> np.ndarray:
+               beta: np.ndarray, V: int, hashes: dict, own=None) -> np.ndarray:
     """Interpolated Witten-Bell over exact counts, computed here: for each target t the pairs (context, token p)
-    of targets p < cached_upto[t], per order n (highest first in `orders`): C = count(ctx), c(v), u = distinct v;
-    from the lowest order up p = (c + beta u p) / (C + beta u) where C > 0, bottoming out in model_p."""
+    of targets p < cached_upto[t] (and own[t][0] <= p < own[t][1]: doc mode's own document), per order n (highest
+    first in `orders`): C = count(ctx), c(v), u = distinct v; from the lowest order up p = (c + beta u p) / (C + beta u)
+    where C > 0, bottoming out in model_p."""
     counts = {}
     for n in orders:
         h = hashes[n]
@@ -254,7 +269,10 @@ def ngram_rows(tokens: np.ndarray, targets: np.ndarray, cached_upto: np.ndarray,
             if t - (n - 1) < 0:
                 continue
             hv, pos = counts[n]
-            pos = pos[(hv == hashes[n][t]) & (pos < cached_upto[i])]
+            held = pos < cached_upto[i]
+            if own is not None:
+                held |= (pos >= own[i][0]) & (pos < own[i][1])
+            pos = pos[(hv == hashes[n][t]) & held]
             ctx = tokens[t - n + 1:t]
             if pos.size:  # exact contexts only (a hash collision is dropped here)
                 same = np.all(tokens[pos[:, None] + np.arange(-(n - 1), 0)] == ctx, axis=1)
@@ -437,7 +455,8 @@ def check_ngram(tag: str, text: np.ndarray, run: dict, chunks: Chunks, V: int) -
         return FAIL, f"{tag}: dump has no audit_model_p / audit_beta / orders"
     orders, pos = [int(o) for o in d["orders"]], d["audit_pos"].astype(np.int64)
     upto = chunks.first[[chunks.of(int(t)) for t in pos]]
-    ours = ngram_rows(text, pos, upto, orders, d["audit_model_p"], d["audit_beta"], V, context_hashes(text, max(orders + [2])))
+    ours = ngram_rows(text, pos, upto, orders, d["audit_model_p"], d["audit_beta"], V, context_hashes(text, max(orders + [2])),
+                      [chunks.own(int(t)) for t in pos])
     rel = np.abs(ours - d["audit_p"]) / np.maximum(np.maximum(ours, d["audit_p"]), 1e-300)
     err = rel.max() if rel.size else 0.0
     if not err <= 1e-9:
@@ -501,6 +520,8 @@ def verify(args, environ) -> tuple:
         raise SystemExit(f"verify: {artifact}: {e}")
     env, plan = settings(log_path, environ, header)
     source, form = readable_source_of(script.read_bytes())
+    if b"ngram_doc_local" not in source:  # a script from before the document-local cache layer: its doc mode has none
+        plan["ngram_doc_local"], env["NGRAM_DOC_LOCAL"] = 0, "0"
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     tokens = validation_tokens(plan["data_path"]).astype(np.int64)
