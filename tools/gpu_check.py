@@ -156,7 +156,7 @@ def check_eval(artifact: Path, hp: tg.Hyperparameters, d: tg.Dist, rep: Report, 
     model = tg.model_from_artifact(artifact, hp, d)
     if d.is_cuda:
         torch.cuda.reset_peak_memory_stats(d.device)
-    r = tg.evaluate(model, val, luts, hp, d, rep, use_ngram=True, use_ttt=True, label="gpu_check_eval")
+    r = tg.evaluate(model, val, luts, hp, d, rep, use_ngram=hp.ngram_enabled, use_ttt=hp.ttt_enabled, label="gpu_check_eval")
     ph = r.phase_seconds
     n = r.n_targets
     rep.row("eval total", f"{n} targets in {r.seconds:.1f}s ({n / r.seconds / 1e6:.2f}M targets/s, compile included)")
@@ -166,11 +166,12 @@ def check_eval(artifact: Path, hp: tg.Hyperparameters, d: tg.Dist, rep: Report, 
         rep.row("peak memory (eval)", f"{torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB")
     rep.row("n-gram audit", f"max|sum p - 1| {r.audit[0]:.2e}, count mismatches {int(r.audit[3])}")
     scale = VAL_TOKENS_FULL / n
-    split = sum(v for k, v in ph.items() if k != "ngram_update") / world  # scoring, lookups, audit, TTT split
-    projected = scale * (split + ph.get("ngram_update", 0.0))  # every rank ingests every chunk
-    rep.row(f"projected eval, {VAL_TOKENS_FULL / 1e6:.2f}M tokens on {world} GPUs",
-            f"{projected:.0f}s of EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:.0f} (assumes linear scaling of "
-            f"per-target work over {world} ranks, n-gram ingest repeated on every rank, cache growth not "
+    fixed = ("ngram_update", "learn_mix", "audit")  # per step on every rank whatever the rank count (README)
+    split = sum(v for k, v in ph.items() if k not in fixed) / world  # scoring, look-ups, TTT, phases split
+    projected = scale * (split + sum(ph.get(k, 0.0) for k in fixed))
+    rep.row(f"projected eval, {VAL_TOKENS_FULL / 1e6:.2f}M tokens on {world} GPUs ({hp.eval_mode} mode)",
+            f"{projected:.0f}s of EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:.0f} (per-target work split over "
+            f"{world} ranks, per-step work ({', '.join(fixed)}) not, steps scaled with the tokens, cache growth not "
             f"extrapolated beyond {n / 1e6:.1f}M tokens, excludes artifact load and compile)")
 
 
