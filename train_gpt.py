@@ -9,8 +9,8 @@ MAX_WALLCLOCK_SECONDS with banked Parallel Muon + AdamW, EMA/SWA and late QAT; c
 training data and quantize every block matrix by GPTQ to int4, int5 or int6, the widths chosen to fit the
 cap (inside the same budget); write an LZMA-compressed, self-describing artifact whose bytes plus this file's
 bytes must stay under 16,000,000; rebuild the model from that file alone and score the validation split in one
-causal pass, each document from its own BOS, mixing the model with an exact n-gram cache of the text already scored
-(optionally adapting LoRA weights on it).
+causal pass that mixes the model with an exact n-gram cache of the text already scored (optionally adapting LoRA
+weights on it, or scoring each document from its own BOS).
 
 Rules kept at evaluation (the contest's validity conditions):
   C1 causal       the prediction for token t uses only the artifact and tokens < t;
@@ -136,8 +136,9 @@ class Hyperparameters:
     size_margin_bytes: int = 2048         # left under the cap: room to fix a comment in the code after a run
     # --- evaluation (README "Evaluation") ---
     eval_only: str = ""                   # path of an artifact: skip training, evaluate it
-    eval_mode: str = "doc"                # doc: each document from its BOS | sliding: one stream of sliding windows;
-    # doc (with NGRAM_DOC_LOCAL) scored 0.25 val / 0.35 heldout2 BPB better, 2 artifacts x 2 texts (logs/ablate_eval_20261204_*)
+    eval_mode: str = "sliding"            # sliding: one stream of sliding windows | doc: each document from its BOS;
+    # doc scored 0.25-0.41 BPB better on the embedded texts (logs/ablate_eval_20261204_*), but its rows would idle ~30x
+    # at these settings on FineWeb (benchmarks/bench_doc_batching.py): not the default until it batches better
     doc_chunk_tokens: int = 64            # doc mode: targets per score-then-adapt chunk of a document
     ngram_doc_local: bool = True          # doc mode: the cache also holds the target's own document's scored chunks
     phased_ttt_num_phases: int = 0        # doc mode: global SGD phases on the documents already scored (0: off)
@@ -1753,7 +1754,7 @@ def write_artifact(q: dict, header: dict, budget: int, path: Path, log: RunLog) 
 # EVAL_SEQ_LEN, stride EVAL_STRIDE; windows split across ranks) with the LoRA weights and temperature
 # learned from earlier chunks; (2) mix the model's distribution with the Witten-Bell n-gram chain over
 # counts of earlier chunks only; (3) add the chunk to the cache and to the mixer's history, refit the
-# mixer; (4) TTT_STEPS LoRA steps on the chunk; (3) and (4) not after the last. EVAL_MODE=doc (the default): a step
+# mixer; (4) TTT_STEPS LoRA steps on the chunk; (3) and (4) not after the last. EVAL_MODE=doc: a step
 # is a group of documents, each scored from its own BOS in rounds of DOC_CHUNK_TOKENS targets (doc_schedule), the
 # cache's counts plus a local layer of the document's own scored chunks (score_docs), DocTTT, phased_sgd. Every
 # validity condition (C1-C4) is tested in tests/test_eval_validity.py.

@@ -22,7 +22,7 @@ TINY = dict(
     warmup_steps=0, train_log_every=2, val_loss_every=0, val_batch_tokens=64 * 16,
     gptq_n_samples=8, gptq_block_size=32, eval_seq_len=64, eval_stride=16, eval_batch_seqs=8,
     ttt_chunk_tokens=1024, ngram_audit_positions=8, muon_momentum_warmup_steps=10, swa_every=2,
-    eval_mode="sliding",  # the sliding-mode tests (and verify's broken copies) pin it; doc mode's use doc_hp
+    eval_mode="sliding",  # the sliding-mode tests and verify's broken copies need it whatever the default; doc mode's use doc_hp
 )
 
 

@@ -27,7 +27,7 @@ def test_gpu_check_cpu_path(tmp_path):
     assert "no CUDA device here" in text and "REDUCED size" in text
     for row in ("attention kernel chosen", "attention fwd+bwd, one layer", "train tree", "train sdpa_flash",
                 "GPTQ all matrices", "width allocation + write", "eval phase score", "eval phase ngram",
-                "eval phase ngram_local", "n-gram audit", "projected eval", "gpu-check wall time"):  # the default doc mode
+                "eval phase learn_mix", "n-gram audit", "projected eval", "gpu-check wall time"):
         assert re.search(rf"^{re.escape(row)}", text, re.M), row
     assert "FAILED" not in text and "SKIPPED" not in text
     assert re.search(r"^train tree .*attention sdpa_\w+, .*recompiles 0,", text, re.M)
