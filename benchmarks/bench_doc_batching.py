@@ -4,8 +4,9 @@ Doc mode scores, per step (the documents whose BOS lies in one TTT_CHUNK_TOKENS 
 EVAL_BATCH_SEQS rows of a fixed-shape batch; a round forwards every row, finished or not, and every rank waits for
 the slowest at the step's collectives. The factor f = rounds x rows x ranks / chunks of real work is what the
 score phase costs over a perfectly packed batch (sliding mode is f = 1). FineWeb's document lengths are not in this
-repository: the text is synthetic, log-normal lengths with FineWeb val's mean (62,021,846 tokens / 50,000
-documents = 1,240, shared DATA.md) and a chosen spread sigma, a slice of the 62M tokens (f is per step).
+repository: the text is synthetic, log-normal lengths with FineWeb val's mean (the official split: 62,021,846
+tokens in its first 50,000 documents, README "Data", = 1,240) and a chosen spread sigma, a slice of the 62M tokens
+(f is per step).
 
     python3 benchmarks/bench_doc_batching.py [--sigma 0.8 1.0 1.2] [--tokens 8000000] [--ranks 8]
 """
