@@ -22,7 +22,7 @@ Rules kept at evaluation (the contest's validity conditions):
 # ==================== Imports ========================================================================
 
 import base64, collections, contextlib, copy, dataclasses, datetime, glob, hashlib, io, json, lzma, math, os, platform
-import signal, struct, subprocess, sys, time
+import shutil, signal, struct, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -629,15 +629,17 @@ def configure_attention(hp: Hyperparameters, d: Dist) -> str:
     return f"sdpa_{SDPA_ORDER[order.index(choice)]}"
 
 class LoRA(nn.Module):
-    """Rank-r adapter y += (x A^T) B^T for test-time training. A ~ N(0, 1/in), B = 0, so it starts as a no-op."""
+    """Rank-r adapters for test-time training, y += (x A_b^T) B_b^T for batch row b: one per row (doc mode: one per
+    document) or, with batch 1, one shared by every row. A starts at A0 (r, in), B at 0: each starts as a no-op."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, generator: torch.Generator):
+    def __init__(self, A0: torch.Tensor, out_features: int, batch: int = 1):
         super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.A0 = A0
+        self.A = nn.Parameter(A0.expand(batch, *A0.shape).clone())
+        self.B = nn.Parameter(A0.new_zeros(batch, out_features, A0.size(0)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        return (x @ self.A.to(x.dtype).transpose(1, 2)) @ self.B.to(x.dtype).transpose(1, 2)
 
 class MatrixSlot(nn.Module):
     """y = x W^T for a bank matrix W passed in by the caller (+ an optional LoRA adapter)."""
@@ -1309,9 +1311,7 @@ def plan_budget(trainer: Trainer, log: RunLog, warmup_seconds: dict | None = Non
     finally:
         barrier()
         if d.is_main:
-            for p in scratch.iterdir():
-                p.unlink()
-            scratch.rmdir()
+            shutil.rmtree(scratch)
     del probe
     plan = BudgetPlan(hp.max_wallclock_seconds, max(hp.export_reserve_seconds, EXPORT_SAFETY * measured), loop_ratio=ratio)
     log(f"budget_plan: export_probe:{measured:.1f}s probe_zero_frac:{zero_probe:.3f} (initial weights "
@@ -2050,6 +2050,39 @@ def ngram_audit(cache: NGramCache | None, mixer: LearnedMix, tokens: torch.Tenso
     return torch.stack([torch.cat([(p.sum(1) - 1).abs(), zero]).max(), torch.cat([-p.flatten(), zero]).max(),
                         torch.cat([target_err, zero]).max(), mismatch]), p, beta.T
 
+def attach_loras(model: GPT, hp: Hyperparameters, d: Dist, batch: int) -> list:
+    """Freeze the model and put LoRA adapters (`batch` per slot) on the q and v projections of the last TTT_LAST_N
+    blocks, A0 ~ N(0, 1/in) from SEED + 1; returns the slots. Shapes from the loaded model (EVAL_ONLY: the artifact's)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen, arch, slots = torch.Generator().manual_seed(hp.seed + 1), model.hp, []
+    for block in model.blocks[-hp.ttt_last_n:]:
+        for slot, out_features in ((block.attn.c_q, arch.model_dim), (block.attn.c_v, arch.kv_dim)):
+            A0 = torch.randn(hp.ttt_lora_rank, arch.model_dim, generator=gen) / math.sqrt(arch.model_dim)
+            slot.lora = LoRA(A0.to(d.device), out_features, batch)
+            slots.append(slot)
+    return slots
+
+def byte_weighted_grads(model: GPT, tokens: torch.Tensor, lo: int, n_seqs: int, S: int, params: list,
+                        hp: Hyperparameters, d: Dist, luts: ByteLUTs) -> None:
+    """Set .grad of `params`, the same on every rank, to the gradient of the byte-weighted mean CE of the n_seqs
+    sequences of S targets from target lo on: the sequences split across ranks (EVAL_BATCH_SEQS per forward), each
+    rank's loss its share of the one global mean, the gradients summed."""
+    idx = lo - 1 + S * torch.arange(n_seqs, device=tokens.device)[:, None] + torch.arange(S, device=tokens.device)
+    x, y = tokens[idx], tokens[idx + 1]  # (n_seqs, S)
+    w = target_bytes(x, y, luts).clamp(min=1).double()
+    total = w.sum()  # the whole mean's bytes: every rank knows them, no communication
+    for p in params:
+        p.grad = torch.zeros_like(p)  # a rank with no sequences (more ranks than sequences) adds zero
+    hi = n_seqs * (d.rank + 1) // d.world_size
+    for b in range(n_seqs * d.rank // d.world_size, hi, hp.eval_batch_seqs):
+        e = min(b + hp.eval_batch_seqs, hi)
+        with autocast(d):
+            z = model.logits(model.hidden(x[b:e]))
+        ce = F.cross_entropy(z.flatten(0, 1), y[b:e].flatten(), reduction="none")
+        ((ce.double() * w[b:e].flatten()).sum() / total).backward()
+    all_reduce_grads(params, "sum")
+
 class TestTimeTrainer:
     """LoRA TTT (PR #850; score-first: PR #461) on the q and v projections of the last TTT_LAST_N blocks: after
     a chunk is scored, TTT_STEPS AdamW steps on its byte-weighted CE (PR #850; sequences split across ranks,
@@ -2058,37 +2091,14 @@ class TestTimeTrainer:
 
     def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
         self.model, self.hp, self.d = model, hp, d
-        for p in model.parameters():
-            p.requires_grad_(False)
-        gen = torch.Generator().manual_seed(hp.seed + 1)
-        self.loras = []
-        arch = model.hp  # the loaded model's shapes (EVAL_ONLY: from the artifact, not from the settings)
-        for block in model.blocks[-hp.ttt_last_n:]:
-            for slot, out_features in ((block.attn.c_q, arch.model_dim), (block.attn.c_v, arch.kv_dim)):
-                slot.lora = LoRA(arch.model_dim, out_features, hp.ttt_lora_rank, gen).to(d.device)
-                self.loras.append(slot.lora)
+        self.loras = [slot.lora for slot in attach_loras(model, hp, d, 1)]
         self.params = [p for lora in self.loras for p in (lora.A, lora.B)]
         self.opt = torch.optim.AdamW(self.params, lr=hp.ttt_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
     def step(self, tokens: torch.Tensor, lo: int, hi: int, luts: ByteLUTs) -> None:
         """One step on the targets lo..hi (a whole chunk, a multiple of EVAL_SEQ_LEN targets)."""
-        S, d = self.hp.eval_seq_len, self.d
-        n_seqs = (hi - lo + 1) // S
-        starts = lo - 1 + S * torch.arange(n_seqs, device=tokens.device)
-        idx = starts[:, None] + torch.arange(S, device=tokens.device)  # (n_seqs, S)
-        x, y = tokens[idx], tokens[idx + 1]
-        w = target_bytes(x, y, luts).clamp(min=1).double()
-        total_w = w.sum()  # the whole chunk's bytes: every rank knows them, no communication
-        mine = slice(n_seqs * d.rank // d.world_size, n_seqs * (d.rank + 1) // d.world_size)
-        if mine.start < mine.stop:
-            with autocast(d):
-                logits = self.model.logits(self.model.hidden(x[mine]))
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y[mine].reshape(-1), reduction="none")
-            ((ce.double() * w[mine].reshape(-1)).sum() / total_w).backward()
-        else:  # more ranks than sequences: this rank contributes zero to the summed gradient
-            for p in self.params:
-                p.grad = torch.zeros_like(p)
-        all_reduce_grads(self.params, "sum")  # each rank's loss is its share of one global mean
+        S = self.hp.eval_seq_len
+        byte_weighted_grads(self.model, tokens, lo, (hi - lo + 1) // S, S, self.params, self.hp, self.d, luts)
         torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -2122,18 +2132,6 @@ def doc_schedule(spans: torch.Tensor, hp: Hyperparameters) -> tuple:
         out[:r.size(0), b] = r
     return out[..., :3], out[..., 3].bool(), out[..., 4].bool()
 
-class DocLoRA(nn.Module):
-    """A batch of independent rank-r adapters, one per document row: y += (x A_b^T) B_b^T for row b."""
-
-    def __init__(self, A0: torch.Tensor, out_features: int, batch: int):
-        super().__init__()
-        self.A0 = A0
-        self.A = nn.Parameter(A0.expand(batch, *A0.shape).clone())
-        self.B = nn.Parameter(A0.new_zeros(batch, out_features, A0.size(0)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A.to(x.dtype).transpose(1, 2)) @ self.B.to(x.dtype).transpose(1, 2)
-
 class DocTTT:
     """Per-document score-first LoRA TTT (PR #1530 line): one adapter per row on the q and v projections of the last
     TTT_LAST_N blocks, reset (A to its start, B = 0, Adam state 0) when the row starts a document; after a chunk is
@@ -2143,18 +2141,10 @@ class DocTTT:
     BETAS, EPS = (0.9, 0.999), 1e-8
 
     def __init__(self, model: GPT, hp: Hyperparameters, d: Dist):
-        self.hp, self.slots = hp, []
-        for p in model.parameters():
-            p.requires_grad_(False)
-        gen, arch, B = torch.Generator().manual_seed(hp.seed + 1), model.hp, hp.eval_batch_seqs
-        for block in model.blocks[-hp.ttt_last_n:]:
-            for slot, out_features in ((block.attn.c_q, arch.model_dim), (block.attn.c_v, arch.kv_dim)):
-                A0 = torch.randn(hp.ttt_lora_rank, arch.model_dim, generator=gen) / math.sqrt(arch.model_dim)
-                slot.lora = DocLoRA(A0.to(d.device), out_features, B)
-                self.slots.append(slot)
+        self.hp, self.slots = hp, attach_loras(model, hp, d, hp.eval_batch_seqs)
         self.params = [p for slot in self.slots for p in (slot.lora.A, slot.lora.B)]
         self.m, self.v = [torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params]
-        self.t = torch.zeros(B, device=d.device)
+        self.t = torch.zeros(hp.eval_batch_seqs, device=d.device)
 
     @torch.no_grad()
     def reset(self, rows: torch.Tensor) -> None:
@@ -2234,28 +2224,17 @@ def phased_sgd(model: GPT, tokens: torch.Tensor, hi: int, hp: Hyperparameters, d
     """Phased global TTT (PR #1610 line): PHASED_TTT_STEPS SGD steps of the block matrices on the byte-weighted
     CE of targets 1..hi (documents already scored), sequences of EVAL_SEQ_LEN split across ranks, gradients
     summed: every rank's model stays identical."""
-    S, B = min(hp.eval_seq_len, hi), hp.eval_batch_seqs
-    n = hi // S
-    idx = (S * torch.arange(n, device=tokens.device))[:, None] + torch.arange(S, device=tokens.device)
-    x, y = tokens[idx], tokens[idx + 1]
-    w = target_bytes(x, y, luts).clamp(min=1).float()
-    total, mine = w.sum(), range(n * d.rank // d.world_size, n * (d.rank + 1) // d.world_size)
-    banks = [getattr(model, name) for name in BANKS]
+    S, banks = min(hp.eval_seq_len, hi), [getattr(model, name) for name in BANKS]
+    for W in banks:
+        W.requires_grad_(True)
     for _ in range(hp.phased_ttt_steps):
-        for W in banks:
-            W.requires_grad_(True)
-            W.grad = torch.zeros_like(W)
-        for b in range(mine.start, mine.stop, B):
-            with autocast(d):
-                z = model.logits(model.hidden(x[b:min(b + B, mine.stop)]))
-            ce = F.cross_entropy(z.float().flatten(0, 1), y[b:b + z.size(0)].flatten(), reduction="none")
-            ((ce * w[b:b + z.size(0)].flatten()).sum() / total).backward()
-        all_reduce_grads(banks, "sum")
+        byte_weighted_grads(model, tokens, 1, hi // S, S, banks, hp, d, luts)
         with torch.no_grad():
             for W in banks:
                 W -= hp.phased_ttt_lr * W.grad
-                W.grad = None
-                W.requires_grad_(False)
+    for W in banks:
+        W.grad = None
+        W.requires_grad_(False)
 
 @dataclass
 class EvalResult:
@@ -2573,18 +2552,9 @@ def write_submission(path: Path, hp: Hyperparameters, d: Dist, run_id: str, trai
                         ttt_enabled=hp.ttt_enabled, artifact_bytes=exp["artifact_bytes"]))
     write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
 
-def check_output_dir(out: Path, d: Dist) -> None:
-    """Probe OUTPUT_DIR for writing now, so an unwritable folder fails before training, not at the first save."""
-    probe = out / f".write_probe_rank{d.rank}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise GolfError(f"OUTPUT_DIR={str(out)!r} is not writable ({e.strerror or e})") from None
-
 def lock_output_dir(out: Path, run_id: str):
-    """One run per OUTPUT_DIR: an flock on OUTPUT_DIR/.run.lock, released however the process ends; the open file."""
+    """One run per OUTPUT_DIR: an flock on OUTPUT_DIR/.run.lock, released however the process ends; the open file.
+    Writing it also proves OUTPUT_DIR writable before training (only rank 0 ever writes there)."""
     import fcntl
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -2769,7 +2739,6 @@ def main() -> int:
     out = Path(hp.output_dir)
     lock = lock_output_dir(out, run_id) if env.get("RANK", "0") == "0" else None  # noqa: F841  held until exit
     d = init_distributed(hp.dist_timeout_seconds)
-    check_output_dir(out, d)
     StopSignal.install()
     log = RunLog(out / "logs" / f"{run_id}.txt" if d.is_main else None)
     status = dict(out=out, log=out / "logs" / f"{run_id}.txt", eval_only=bool(hp.eval_only))

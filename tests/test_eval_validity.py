@@ -674,7 +674,7 @@ def test_ttt_lora_shapes_come_from_the_loaded_model(val_tokens, luts):
     hp = tiny_hp()
     arch = tiny_hp(model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8)
     ttt = tg.TestTimeTrainer(make_model(arch), hp, tg.Dist())
-    assert {tuple(l.B.shape) for l in ttt.loras} == {(32, hp.ttt_lora_rank), (16, hp.ttt_lora_rank)}
+    assert {tuple(l.B.shape) for l in ttt.loras} == {(1, 32, hp.ttt_lora_rank), (1, 16, hp.ttt_lora_rank)}
     ttt.step(val_tokens[:2 * hp.eval_seq_len].long(), 1, hp.eval_seq_len, luts)
 
 
