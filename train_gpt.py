@@ -739,12 +739,9 @@ class Block(nn.Module):
         x = mix[0] * x + mix[1] * x0
         xn = rms_norm(x) * self.ln_scale
         h, v0 = self.attn(xn, W["q"], W["k"], W["v"], W["o"], v0, ve)
-        if self.parallel:
-            h_mlp = self.mlp(xn, W["up"], W["down"])
-            return x + self.attn_scale.to(x.dtype) * h + self.mlp_scale.to(x.dtype) * h_mlp, v0
         x = x + self.attn_scale.to(x.dtype) * h
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale, W["up"], W["down"])
-        return x, v0
+        h = self.mlp(xn if self.parallel else rms_norm(x) * self.ln_scale, W["up"], W["down"])
+        return x + self.mlp_scale.to(x.dtype) * h, v0
 
 class ProjectedEmbedding(nn.Module):
     """A token embedding (N(0, 0.01)) through a projection: the value embeddings added (scaled per layer) to v
@@ -820,7 +817,7 @@ class GPT(nn.Module):
         self.num_skips = len(self.layer_sequence(True)) // 2 if hp.unet_skips else 0  # one per encoder output
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, D)) if self.num_skips else None
         # Banks: rows [0, L) are q / k / up / down of layer i; rows [L, 2L) are out / v of layer i - L.
-        self.qo_bank = nn.Parameter(torch.empty(2 * L, D, D))
+        self.qo_bank = nn.Parameter(torch.zeros(2 * L, D, D))  # output projections (rows L..2L-1) start at zero
         self.kv_bank = nn.Parameter(torch.empty(2 * L, hp.kv_dim, D))
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hp.mlp_hidden, D))
         self.mlp_down_bank = nn.Parameter(torch.zeros(L, D, hp.mlp_hidden))
@@ -828,7 +825,6 @@ class GPT(nn.Module):
             for i in range(L):
                 for W in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.mlp_up_bank[i]):
                     nn.init.orthogonal_(W)  # orthogonal init: PR #65 / PR #135 line of records
-                self.qo_bank[L + i].zero_()  # output projections start at zero
 
     def layer_sequence(self, looping: bool) -> list:
         """The virtual layers: with the loop, LOOP_START..LOOP_END run NUM_LOOPS more times (11 layers, 3-5 twice:
@@ -953,24 +949,21 @@ class ParallelMuon(torch.optim.Optimizer):
         self._pending = []
         for group in self.param_groups:
             p, grad = as_bank(group["params"][0]), as_bank(group["params"][0].grad)
-            per_rank, _, _ = self._shard(p)
+            per_rank, lo, hi = self._shard(p)
             if self.d.world_size == 1:
                 self._pending.append((grad, None))
                 continue
             flat = F.pad(grad.bfloat16(), (0, 0, 0, 0, 0, per_rank * self.d.world_size - p.size(0)))
             out = torch.empty((per_rank,) + p.shape[1:], device=p.device, dtype=torch.bfloat16)
-            self._pending.append((out, _reduce_scatter(out, flat, op=dist.ReduceOp.AVG, async_op=True)))
+            self._pending.append((out[:hi - lo], _reduce_scatter(out, flat, op=dist.ReduceOp.AVG, async_op=True)))
 
     @torch.no_grad()
     def wait_reduce_scatter(self) -> list:
         """This rank's averaged gradient shards, float32."""
-        grads = []
-        for (g, work), group in zip(self._pending, self.param_groups):
+        for _, work in self._pending:
             if work is not None:
                 work.wait()
-            _, lo, hi = self._shard(group["params"][0])
-            grads.append(g[:hi - lo].float() if work is not None else g)
-        return grads
+        return [g if work is None else g.float() for g, work in self._pending]
 
     @torch.no_grad()
     def owned_grad_sq_norm(self, grads: list) -> torch.Tensor:
@@ -1112,12 +1105,11 @@ class Trainer:
             counter.update(seen)  # communication above
         grads = self.muon.wait_reduce_scatter()
         finish_replicated()
-        clip = torch.ones((), device=self.d.device)
+        clip, replicated = torch.ones((), device=self.d.device), [p.grad for p in self.replicated]
         if hp.grad_clip_norm > 0:
-            sq = all_reduce(self.muon.owned_grad_sq_norm(grads)) + \
-                torch.stack(torch._foreach_norm([p.grad for p in self.replicated])).square().sum()
+            sq = all_reduce(self.muon.owned_grad_sq_norm(grads)) + self.muon.owned_grad_sq_norm(replicated)
             clip = torch.clamp(hp.grad_clip_norm / (sq.sqrt() + 1e-6), max=1.0)
-            torch._foreach_mul_([p.grad for p in self.replicated], clip)
+            torch._foreach_mul_(replicated, clip)
         for group in self.adam.param_groups:
             group["lr"] = group["base_lr"] * lr_mult
         for group in self.muon.param_groups:
@@ -1236,16 +1228,15 @@ class SharedClock:
             event = torch.cuda.Event()
             event.record()
             t = (host, event)
-        self.pending.append(t)
+        self.pending.append(t if self.d.is_cuda else (t, None))
 
     def read(self) -> list | None:
         """The values posted by the previous call of `post` (None before the second post)."""
         if len(self.pending) < 2:
             return None
-        t = self.pending.pop(0)
-        if isinstance(t, tuple):
-            t[1].synchronize()
-            t = t[0]
+        t, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
         return t.tolist()
 
 @dataclass
@@ -1254,11 +1245,10 @@ class BudgetPlan:
     decision takes effect + calibration and export, as measured before the clock) must fit the budget."""
     limit: float              # MAX_WALLCLOCK_SECONDS
     export_estimate: float    # seconds for calibration + quantization + writing, with safety factor and floor
-    lag_steps: int = 1        # SharedClock's delay: one more step has run than the shared clock shows
     loop_ratio: float = 1.0   # a looped step's seconds / a plain one's (warm-up), until a looped step is measured
 
     def predicted_end(self, elapsed: float, step_seconds: float) -> float:
-        return elapsed + (self.lag_steps + 1) * step_seconds + self.export_estimate
+        return elapsed + 2 * step_seconds + self.export_estimate  # 2: the step SharedClock lags by, and the next
 
     def step_estimate(self, last_step: float, steps_measured: float, loop_from: int | None) -> float:
         """The coming steps' seconds: the last measured step's, scaled by `loop_ratio` once the loop runs
@@ -1350,8 +1340,7 @@ def train_model(trainer: Trainer, val_tokens: torch.Tensor, luts: ByteLUTs, log:
         elif plan and loop_from is not None and shared[2] == loop_from + 1:  # the first looped step measured
             log(f"looping_measured: step:{step} looped_step:{shared[1]:.3f}s predicted_end:"
                 f"{plan.predicted_end(train_s, shared[1]):.1f}s limit:{plan.limit:g}s")
-        step_s = plan.step_estimate(shared[1], shared[2], loop_from) if plan else 0.0
-        if plan and plan.predicted_end(train_s, step_s) > plan.limit:
+        if plan and plan.predicted_end(train_s, plan.step_estimate(shared[1], shared[2], loop_from)) > plan.limit:
             stop_reason = "predicted_budget"
             break
         if shared[3]:
